@@ -1,0 +1,130 @@
+//! Wiring: opens the store, loads TLS, binds the listener, and runs the server until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::server;
+use crate::state::AppState;
+use crate::store::{SledOptions, SledStore, Store};
+use crate::tls::{self, ReloadableCert, TlsError};
+
+/// Why the service could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store cannot be opened or closed.
+    #[error("data_dir {path}: {source}")]
+    Store {
+        /// The data directory.
+        path: String,
+        /// The store's error.
+        source: crate::store::StoreError,
+    },
+    /// The listener cannot be bound.
+    #[error("listen {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A built service, bound and ready to run.
+pub struct Application {
+    /// The bound listener.
+    listener: TcpListener,
+    /// Its local address (with the real port when `listen` asked for port 0).
+    local_addr: SocketAddr,
+    /// The TLS acceptor.
+    acceptor: TlsAcceptor,
+    /// The certificate resolver, for reloads.
+    cert: Arc<ReloadableCert>,
+    /// The sled store, closed at the end of `run_until`.
+    store: Arc<SledStore>,
+    /// The shared request state.
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Opens the store, loads the certificate and binds `config.listen`.
+    pub async fn build(config: Config) -> Result<Self, AppError> {
+        let key = tls::load_certified_key(&config.tls.cert, &config.tls.key)?;
+        let cert = Arc::new(ReloadableCert::new(key));
+        let acceptor = TlsAcceptor::from(tls::server_config(cert.clone())?);
+
+        let data_dir = config.data_dir.clone();
+        let store =
+            tokio::task::spawn_blocking(move || SledStore::open(&data_dir, SledOptions::default()))
+                .await
+                .map_err(|e| AppError::Store {
+                    path: config.data_dir.display().to_string(),
+                    source: crate::store::StoreError::Io(e.to_string()),
+                })?
+                .map_err(|source| AppError::Store {
+                    path: config.data_dir.display().to_string(),
+                    source,
+                })?;
+        let store = Arc::new(store);
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| AppError::Bind {
+                addr: config.listen,
+                reason: e.to_string().to_lowercase(),
+            })?;
+        let local_addr = listener.local_addr().map_err(|e| AppError::Bind {
+            addr: config.listen,
+            reason: e.to_string().to_lowercase(),
+        })?;
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let state = Arc::new(AppState::new(
+            dyn_store,
+            &config.access,
+            config.max_body_bytes,
+            config.limits.clone(),
+        ));
+        Ok(Self {
+            listener,
+            local_addr,
+            acceptor,
+            cert,
+            store,
+            state,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared state (for reloads and tests).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// The certificate resolver (for reloads).
+    pub fn cert(&self) -> Arc<ReloadableCert> {
+        self.cert.clone()
+    }
+
+    /// Serves until `shutdown` completes, drains in-flight requests, then flushes and closes
+    /// the store.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+        server::run(self.listener, self.acceptor, self.state.clone(), shutdown).await;
+        self.store.close().await.map_err(|source| AppError::Store {
+            path: "store".into(),
+            source,
+        })?;
+        tracing::info!("store flushed and closed");
+        Ok(())
+    }
+}

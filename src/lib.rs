@@ -1,0 +1,31 @@
+//! callback-receiver: the HTTPS Response URL for Sage Intacct asynchronous gateway callbacks.
+//!
+//! The gateway POSTs each asynchronous `<response>` to `/callback/{policy}`; the service checks
+//! the policy's Basic credentials, reads the XML in one streaming pass, stores the raw bytes
+//! durably (group-committed fsync) keyed by the control-level `<controlid>`, and only then
+//! answers `200`. Integrators fetch results on `/v1/responses/{controlid}` with a bearer token.
+//!
+//! Modules:
+//! - [`cli`]: the commands (`serve`, `check-config`, `hash-password`);
+//! - [`config`]: the typed TOML configuration and the dev profile;
+//! - [`app`]: wiring of store, TLS and listener; [`server`]: the accept loop;
+//! - [`routes`]: dispatch and handlers; [`summary`]: the JSON summary shape;
+//! - [`auth`]: Basic and Bearer parsing, constant-time checks, the verified-credential cache;
+//! - [`xml`]: the streaming extractor (no I/O); [`store`]: durable storage (only it knows sled);
+//! - [`tls`]: certificates and the rustls configuration; [`state`]: what handlers share;
+//! - [`telemetry`]: logging set-up.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod summary;
+pub mod telemetry;
+pub mod tls;
+pub mod xml;

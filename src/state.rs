@@ -1,0 +1,136 @@
+//! The state shared by every request: the store, the policies and pollers, limits, and the
+//! shutdown signal.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::auth::{Credential, SecretString, Verifier};
+use crate::config::{Access, Limits, Policy};
+use crate::store::{Scope, Store};
+
+/// Entries kept in the verified-credential cache.
+const VERIFIED_CACHE_ENTRIES: usize = 4096;
+
+/// Policies and pollers, indexed for lookups; replaced whole on reload.
+#[derive(Debug)]
+pub struct AccessIndex {
+    /// Policies by id.
+    pub policies: HashMap<String, Policy>,
+    /// Pollers in file order: `(name, token, scope)`.
+    pub pollers: Vec<(String, Credential, Scope)>,
+}
+
+impl AccessIndex {
+    /// Indexes a validated [`Access`].
+    pub fn new(access: &Access) -> Self {
+        Self {
+            policies: access
+                .policies
+                .iter()
+                .map(|p| (p.id.clone(), p.clone()))
+                .collect(),
+            pollers: access
+                .pollers
+                .iter()
+                .map(|p| {
+                    let scope = match &p.policies {
+                        None => Scope::All,
+                        Some(list) => Scope::Policies(list.clone()),
+                    };
+                    (p.name.clone(), p.token.clone(), scope)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A poller that presented a valid token.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedPoller {
+    /// Its configured name.
+    pub name: String,
+    /// What it may read.
+    pub scope: Scope,
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    /// Durable storage.
+    pub store: Arc<dyn Store>,
+    /// Current policies and pollers.
+    access: RwLock<Arc<AccessIndex>>,
+    /// Constant-time checks with a cache of verified hashed credentials.
+    pub verifier: Arc<Verifier>,
+    /// Largest accepted callback body.
+    pub max_body_bytes: u64,
+    /// Limits on what clients control.
+    pub limits: Limits,
+    /// Flips to `true` when the server starts shutting down.
+    shutdown: watch::Sender<bool>,
+}
+
+impl AppState {
+    /// New state over `store` with the given settings.
+    pub fn new(
+        store: Arc<dyn Store>,
+        access: &Access,
+        max_body_bytes: u64,
+        limits: Limits,
+    ) -> Self {
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            store,
+            access: RwLock::new(Arc::new(AccessIndex::new(access))),
+            verifier: Arc::new(Verifier::new(VERIFIED_CACHE_ENTRIES)),
+            max_body_bytes,
+            limits,
+            shutdown,
+        }
+    }
+
+    /// The policies and pollers in force.
+    pub fn access(&self) -> Arc<AccessIndex> {
+        match self.access.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the policies and pollers (reload).
+    pub fn replace_access(&self, access: &Access) {
+        let index = Arc::new(AccessIndex::new(access));
+        match self.access.write() {
+            Ok(mut guard) => *guard = index,
+            Err(poisoned) => *poisoned.into_inner() = index,
+        }
+    }
+
+    /// Tells long-running handlers to finish.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// A receiver that turns `true` at shutdown.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Finds the poller whose token is `token`; plain tokens are all checked in constant time
+    /// before any argon2 run.
+    pub async fn authenticate_poller(&self, token: &SecretString) -> Option<AuthenticatedPoller> {
+        let access = self.access();
+        let candidates: Vec<Credential> =
+            access.pollers.iter().map(|(_, c, _)| c.clone()).collect();
+        let index = self
+            .verifier
+            .verify_any_async(token.expose().as_bytes().to_vec(), candidates)
+            .await?;
+        let (name, _, scope) = access.pollers.get(index)?;
+        Some(AuthenticatedPoller {
+            name: name.clone(),
+            scope: scope.clone(),
+        })
+    }
+}

@@ -1,0 +1,222 @@
+//! Durable storage of deliveries, behind a small trait.
+//!
+//! [`Store`] is what the HTTP layer sees. [`sled_store::SledStore`] is the embedded default and
+//! the only code in the crate that imports sled; a networked backend (PostgreSQL, for several
+//! instances behind a load balancer) implements the same trait.
+//!
+//! Invariants every backend keeps:
+//! - `put` and `quarantine` return `Ok` only once the bytes are durable (fsynced);
+//! - readers never see a delivery before it is durable: every read is bounded by the
+//!   *committed* watermark, which is published on a `watch` channel after each commit;
+//! - delivery ids grow with arrival order and are never reused.
+
+pub mod sled_store;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::xml::Extracted;
+
+pub use sled_store::{SledOptions, SledStore};
+
+/// Names one stored delivery; ids grow with arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeliveryId(pub u64);
+
+impl DeliveryId {
+    /// Parses the 16-hex-digit form produced by `Display`.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(DeliveryId)
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A delivery to store: what the gateway posted, and what was read from it.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// The policy id from the callback URL.
+    pub policy: String,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// The raw body, byte for byte.
+    pub body: Bytes,
+    /// SHA-256 of `body`.
+    pub sha256: [u8; 32],
+    /// What the XML extractor found; `extracted.controlid` keys the delivery.
+    pub extracted: Extracted,
+}
+
+/// One stored delivery, without its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// Its id.
+    pub id: DeliveryId,
+    /// The policy id it was posted to.
+    pub policy: String,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// Body size in bytes.
+    pub size: u64,
+    /// SHA-256 of the body.
+    pub sha256: [u8; 32],
+    /// What the XML extractor found (`extracted.controlid` is `None` when unmatched).
+    pub extracted: Extracted,
+}
+
+/// What `put` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// A new delivery was stored.
+    Stored(DeliveryId),
+    /// The same bytes were already stored for the same controlid (or, unmatched, the same
+    /// policy): nothing new was written.
+    Duplicate(DeliveryId),
+}
+
+impl PutOutcome {
+    /// The id of the delivery that holds the bytes.
+    pub fn id(self) -> DeliveryId {
+        match self {
+            PutOutcome::Stored(id) | PutOutcome::Duplicate(id) => id,
+        }
+    }
+}
+
+/// A body that could not be accepted, kept so that nothing the gateway sent is lost.
+#[derive(Debug, Clone)]
+pub struct NewQuarantine {
+    /// The policy id from the callback URL.
+    pub policy: String,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// The raw body, byte for byte.
+    pub body: Bytes,
+    /// The one-line reason it was refused.
+    pub reason: String,
+}
+
+/// One quarantined body, without the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    /// Its id (same space as delivery ids, so arrival order is shared).
+    pub id: DeliveryId,
+    /// The policy id it was posted to.
+    pub policy: String,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// Body size in bytes.
+    pub size: u64,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// Which policies a reader may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every policy.
+    All,
+    /// Only these policy ids.
+    Policies(Vec<String>),
+}
+
+impl Scope {
+    /// Whether a delivery posted to `policy` is visible.
+    pub fn allows(&self, policy: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Policies(list) => list.iter().any(|p| p == policy),
+        }
+    }
+}
+
+/// The newest visible delivery of a controlid, with how many visible deliveries it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    /// The newest delivery.
+    pub record: DeliveryRecord,
+    /// How many deliveries the controlid has within the scope.
+    pub deliveries: u32,
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not read or write (disk full, I/O error).
+    #[error("storage i/o error: {0}")]
+    Io(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// Which record.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store is shutting down or its writer has stopped.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Durable storage of deliveries. See the module documentation for the invariants.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a delivery and returns once it is durable.
+    ///
+    /// Identical bytes for the same controlid (or, when unmatched, the same policy) are
+    /// [`PutOutcome::Duplicate`]; a different body for a known controlid is a further delivery.
+    async fn put(&self, delivery: NewDelivery) -> Result<PutOutcome, StoreError>;
+
+    /// Keeps a refused body and returns once it is durable.
+    async fn quarantine(&self, item: NewQuarantine) -> Result<DeliveryId, StoreError>;
+
+    /// The newest committed delivery of `controlid` within `scope`.
+    async fn latest(&self, controlid: &str, scope: &Scope) -> Result<Option<Latest>, StoreError>;
+
+    /// One committed delivery's record.
+    async fn record(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError>;
+
+    /// One committed delivery's raw body.
+    async fn body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError>;
+
+    /// Up to `limit` committed deliveries with ids above `after`, in arrival order, within `scope`.
+    async fn feed(
+        &self,
+        after: Option<DeliveryId>,
+        limit: usize,
+        scope: &Scope,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    /// Removes every delivery of `controlid` within `scope`; returns how many were removed.
+    async fn delete_controlid(&self, controlid: &str, scope: &Scope) -> Result<usize, StoreError>;
+
+    /// Quarantined bodies with ids above `after`, oldest first.
+    async fn quarantined(
+        &self,
+        after: Option<DeliveryId>,
+        limit: usize,
+    ) -> Result<Vec<QuarantineRecord>, StoreError>;
+
+    /// The raw body of one quarantined item.
+    async fn quarantined_body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError>;
+
+    /// The newest committed id, updated after every durable commit.
+    fn committed(&self) -> watch::Receiver<DeliveryId>;
+
+    /// Whether a write can currently be made durable (used by `/readyz`).
+    async fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// Flushes everything and stops the writer; later writes fail with [`StoreError::Closed`].
+    async fn close(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,2346 @@
+//! The embedded sled backend of [`Store`](super::Store), and the only module that imports sled.
+//!
+//! # Key layout
+//!
+//! Everything lives in sled's default tree (one tree keeps the disk footprint small), told apart
+//! by a one-byte prefix. Ids are big-endian `u64`, so key order is arrival order. Strings inside
+//! keys are length-prefixed (`u32` big-endian), so a prefix scan never mixes up `ab` and `a\0b`.
+//!
+//! | key | value | what for |
+//! | --- | --- | --- |
+//! | `m` id | version byte + JSON of the record, without the body | `record`, `feed` |
+//! | `b` id | the raw body | `body` |
+//! | `c` len controlid id | sha256 (32) ‖ received_at (8) ‖ policy | `latest`, idempotency, delete |
+//! | `u` len policy sha256 | id | idempotency of unmatched deliveries |
+//! | `p` len policy id | empty | `feed` scoped to a few policies |
+//! | `t` received_at id | `d` or `q` | retention (`purge_older_than`) |
+//! | `q` id | version byte + JSON of the quarantine record | `quarantined` |
+//! | `Q` id | the raw quarantined body | `quarantined_body` |
+//! | `s/next_id`, `s/deliveries`, `s/quarantined`, `s/probe` | big-endian `u64` | counters, probe |
+//!
+//! Metadata is kept apart from bodies, so scans never read a body.
+//!
+//! # Group commit
+//!
+//! One writer thread (a plain `std::thread`, named `sled-writer`) owns every mutation. Requests
+//! arrive on a bounded tokio channel; the writer takes the first one, then every request already
+//! waiting (up to `max_batch`), applies each as one atomic sled batch (assigning ids from the
+//! counter and persisting the counter in that same batch), then makes the whole group durable
+//! once (`Db::flush`, plus an `fdatasync` of the log file and an `fsync` of any new blob file, see
+//! [`Writer::flush`]), then publishes the newest id on the `watch` channel, and only then answers
+//! each request. Requests that arrive during a flush queue up and form the next group.
+//!
+//! If applying or flushing fails, every request of the group is answered [`StoreError::Io`] and
+//! the watermark stays where it was; the writer keeps running. Writes applied before the failure
+//! stay in sled and become visible (and durable) with the next successful commit: a retried
+//! callback then finds them and gets `Duplicate`.
+//!
+//! # Visibility
+//!
+//! sled makes an insert visible before it is flushed. Readers therefore never return anything
+//! whose id is above the committed watermark: ids are assigned in order and the watermark only
+//! moves after a successful flush, so "id ≤ watermark" means "durable". Removals (delete, purge)
+//! are not hidden that way: a removed delivery disappears before the removal is durable, and the
+//! removal is acknowledged only once it is.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    DeliveryId, DeliveryRecord, Latest, NewDelivery, NewQuarantine, PutOutcome, QuarantineRecord,
+    Scope, Store, StoreError,
+};
+use crate::xml::Extracted;
+
+/// Prefix of delivery records.
+const META: u8 = b'm';
+/// Prefix of delivery bodies.
+const BODY: u8 = b'b';
+/// Prefix of the controlid index.
+const CONTROLID: u8 = b'c';
+/// Prefix of the idempotency index of unmatched deliveries.
+const UNMATCHED: u8 = b'u';
+/// Prefix of the per-policy index.
+const POLICY: u8 = b'p';
+/// Prefix of the arrival-time index.
+const TIME: u8 = b't';
+/// Prefix of quarantine records.
+const QMETA: u8 = b'q';
+/// Prefix of quarantine bodies.
+const QBODY: u8 = b'Q';
+
+/// The next id to assign.
+const NEXT_ID_KEY: &[u8] = b"s/next_id";
+/// How many deliveries are stored.
+const DELIVERIES_KEY: &[u8] = b"s/deliveries";
+/// How many quarantined bodies are stored.
+const QUARANTINED_KEY: &[u8] = b"s/quarantined";
+/// Written by `check_writable`.
+const PROBE_KEY: &[u8] = b"s/probe";
+
+/// Value of a `t` entry that points at a delivery.
+const KIND_DELIVERY: u8 = b'd';
+/// Value of a `t` entry that points at a quarantined body.
+const KIND_QUARANTINE: u8 = b'q';
+
+/// Leading byte of an encoded record: the encoding version.
+const RECORD_VERSION: u8 = 1;
+
+/// Upper bounds (seconds) of the flush latency histogram buckets.
+pub const FLUSH_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// How the sled store is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SledOptions {
+    /// sled's page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+    /// The most write requests made durable by one flush.
+    pub max_batch: usize,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_capacity_bytes: 128 * 1024 * 1024,
+            max_batch: 256,
+        }
+    }
+}
+
+/// Flush counters of the writer, for `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlushStats {
+    /// Successful flushes (one per group of writes).
+    pub flushes: u64,
+    /// Failed flushes (or groups that failed before their flush).
+    pub failures: u64,
+    /// Write requests answered after a successful flush.
+    pub requests: u64,
+    /// Total time spent flushing, in seconds.
+    pub seconds_sum: f64,
+    /// Cumulative histogram: for each bound of [`FLUSH_BUCKETS`], how many flushes took at most
+    /// that long (the `+Inf` bucket is `flushes + failures`).
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// Counters shared by the writer thread and the store handle.
+#[derive(Default)]
+struct Shared {
+    /// Successful flushes.
+    flushes: AtomicU64,
+    /// Failed groups.
+    failures: AtomicU64,
+    /// Requests answered after a successful flush.
+    requests: AtomicU64,
+    /// Nanoseconds spent flushing.
+    flush_nanos: AtomicU64,
+    /// Non-cumulative counts per bucket of [`FLUSH_BUCKETS`].
+    buckets: [AtomicU64; FLUSH_BUCKETS.len()],
+    /// Stored deliveries (applied, possibly not yet committed).
+    deliveries: AtomicU64,
+    /// Stored quarantined bodies.
+    quarantined: AtomicU64,
+}
+
+/// What one purge request did.
+#[derive(Debug, Clone, Copy)]
+struct PurgeStep {
+    /// Entries of the time index looked at.
+    scanned: usize,
+    /// Deliveries and quarantined bodies removed.
+    removed: usize,
+}
+
+/// A reply channel.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A write request for the writer thread.
+enum Request {
+    /// Store a delivery.
+    Put(Box<NewDelivery>, Reply<PutOutcome>),
+    /// Keep a refused body.
+    Quarantine(Box<NewQuarantine>, Reply<DeliveryId>),
+    /// Remove every delivery of a controlid within a scope.
+    Delete {
+        /// The controlid.
+        controlid: String,
+        /// Which policies' deliveries may be removed.
+        scope: Scope,
+        /// Answered with the number removed.
+        reply: Reply<usize>,
+    },
+    /// Remove up to `batch` items received before `cutoff_ms`.
+    Purge {
+        /// Milliseconds since the epoch; older items go.
+        cutoff_ms: i64,
+        /// At most this many entries of the time index per request.
+        batch: usize,
+        /// Answered with what was done.
+        reply: Reply<PurgeStep>,
+    },
+    /// Write a probe key, to check that the disk accepts writes.
+    Probe(Reply<()>),
+    /// Commit what is queued before it, then stop.
+    Close(Reply<()>),
+}
+
+/// The answer to one request of a group, sent once the group's fate is known.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// Builds the answer of a request: its own result if the group commits, `Io` otherwise.
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
+    Box::new(move |group_error: Option<&str>| {
+        let result = match group_error {
+            None => result,
+            Some(message) => Err(StoreError::Io(message.to_owned())),
+        };
+        // The caller may have gone away (its request was cancelled); nothing to do then.
+        let _ = reply.send(result);
+    })
+}
+
+/// The sled-backed store.
+///
+/// Dropping it stops the writer after it has committed what was queued, and waits for it (a
+/// short blocking wait for the final flush); prefer [`Store::close`] in async code.
+pub struct SledStore {
+    /// The writer thread; declared first so that it is joined before `db` is dropped.
+    writer: WriterHandle,
+    /// The database, for readers.
+    db: sled::Db,
+    /// Its directory.
+    dir: PathBuf,
+    /// The committed watermark.
+    committed: Arc<watch::Sender<DeliveryId>>,
+    /// Counters shared with the writer.
+    shared: Arc<Shared>,
+    /// Set by `close`; writes are refused from then on.
+    closed: AtomicBool,
+    /// Test hooks to hold the writer at chosen points.
+    #[cfg(test)]
+    hooks: Arc<hooks::Hooks>,
+}
+
+/// Owns the request channel and the writer thread; dropping it closes the one and joins the other.
+struct WriterHandle {
+    /// Where requests go; `None` only while dropping.
+    tx: Option<mpsc::Sender<Request>>,
+    /// The writer thread.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        // Closing the channel makes the writer commit what is queued, flush and return.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("sled writer thread panicked");
+            }
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir` and starts its writer thread.
+    ///
+    /// This is a blocking call (sled recovers its log here, which takes a while on a large
+    /// database). It does not need a tokio runtime, and may be called from inside one; in async
+    /// code prefer `tokio::task::spawn_blocking` for a large database. The [`Store`] methods do
+    /// need a tokio runtime (readers use `spawn_blocking`).
+    pub fn open(dir: &Path, options: SledOptions) -> Result<SledStore, StoreError> {
+        fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_capacity_bytes)
+            .open()
+            .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.display())))?;
+
+        let next_id = initial_next_id(&db)?;
+        let deliveries = match read_counter(&db, DELIVERIES_KEY)? {
+            Some(n) => n,
+            None => count_prefix(&db, META)?,
+        };
+        let quarantined = match read_counter(&db, QUARANTINED_KEY)? {
+            Some(n) => n,
+            None => count_prefix(&db, QMETA)?,
+        };
+
+        let shared = Arc::new(Shared::default());
+        shared.deliveries.store(deliveries, Ordering::Relaxed);
+        shared.quarantined.store(quarantined, Ordering::Relaxed);
+        let committed = Arc::new(watch::Sender::new(DeliveryId(next_id - 1)));
+
+        // sled syncs its log with `sync_file_range` on Linux, which neither flushes the drive's
+        // write cache nor the file size; an extra `fdatasync` on the same file does both.
+        let db_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("db"))
+            .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.join("db").display())))?;
+        let blobs_dir = dir.join("blobs");
+        let synced_blobs = list_dir(&blobs_dir).unwrap_or_default();
+        sync_dir(dir)?;
+
+        let max_batch = options.max_batch.max(1);
+        let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4).clamp(64, 1 << 16));
+        #[cfg(test)]
+        let hooks = Arc::new(hooks::Hooks::default());
+        let writer = Writer {
+            db: db.clone(),
+            rx,
+            max_batch,
+            next_id,
+            deliveries,
+            quarantined,
+            committed: Arc::clone(&committed),
+            shared: Arc::clone(&shared),
+            db_file,
+            blobs_dir,
+            synced_blobs,
+            #[cfg(test)]
+            hooks: Arc::clone(&hooks),
+        };
+        let thread = std::thread::Builder::new()
+            .name("sled-writer".to_owned())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Io(format!("starting the writer thread: {e}")))?;
+
+        Ok(SledStore {
+            writer: WriterHandle {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            db,
+            dir: dir.to_path_buf(),
+            committed,
+            shared,
+            closed: AtomicBool::new(false),
+            #[cfg(test)]
+            hooks,
+        })
+    }
+
+    /// Removes the deliveries and quarantined bodies received before `cutoff_ms` (milliseconds
+    /// since the epoch), at most `batch` per commit so that callbacks are not held up; returns how
+    /// many were removed.
+    pub async fn purge_older_than(
+        &self,
+        cutoff_ms: i64,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        let batch = batch.max(1);
+        let mut removed = 0;
+        loop {
+            let step = self
+                .submit(|reply| Request::Purge {
+                    cutoff_ms,
+                    batch,
+                    reply,
+                })
+                .await?;
+            removed += step.removed;
+            if step.scanned < batch {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Bytes used by the database directory (log, snapshots and blobs). Reads file metadata.
+    pub fn size_on_disk(&self) -> u64 {
+        dir_size(&self.dir, 2)
+    }
+
+    /// How many deliveries are stored (kept as a counter, so this is cheap).
+    pub fn delivery_count(&self) -> u64 {
+        self.shared.deliveries.load(Ordering::Relaxed)
+    }
+
+    /// How many quarantined bodies are stored.
+    pub fn quarantine_count(&self) -> u64 {
+        self.shared.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// How many successful flushes the writer made (one per group of writes).
+    pub fn flush_count(&self) -> u64 {
+        self.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Flush counters and latency histogram.
+    pub fn flush_stats(&self) -> FlushStats {
+        let mut cumulative = 0;
+        let buckets = FLUSH_BUCKETS
+            .iter()
+            .zip(self.shared.buckets.iter())
+            .map(|(bound, count)| {
+                cumulative += count.load(Ordering::Relaxed);
+                (*bound, cumulative)
+            })
+            .collect();
+        FlushStats {
+            flushes: self.shared.flushes.load(Ordering::Relaxed),
+            failures: self.shared.failures.load(Ordering::Relaxed),
+            requests: self.shared.requests.load(Ordering::Relaxed),
+            seconds_sum: self.shared.flush_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            buckets,
+        }
+    }
+
+    /// The committed watermark: nothing above it is visible.
+    fn watermark(&self) -> u64 {
+        self.committed.borrow().0
+    }
+
+    /// Sends a write request to the writer and waits for its answer.
+    async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let tx = self.writer.tx.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, response) = oneshot::channel();
+        tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        response.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read on the blocking pool with a handle on the database and the watermark (read
+    /// before the data, so that everything at or below it is durable).
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&sled::Db, u64) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let watermark = self.watermark();
+        tokio::task::spawn_blocking(move || f(&db, watermark))
+            .await
+            .map_err(|e| StoreError::Io(format!("reader task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn put(&self, delivery: NewDelivery) -> Result<PutOutcome, StoreError> {
+        self.submit(|reply| Request::Put(Box::new(delivery), reply))
+            .await
+    }
+
+    async fn quarantine(&self, item: NewQuarantine) -> Result<DeliveryId, StoreError> {
+        self.submit(|reply| Request::Quarantine(Box::new(item), reply))
+            .await
+    }
+
+    async fn latest(&self, controlid: &str, scope: &Scope) -> Result<Option<Latest>, StoreError> {
+        let controlid = controlid.to_owned();
+        let scope = scope.clone();
+        self.read(move |db, watermark| read_latest(db, watermark, &controlid, &scope))
+            .await
+    }
+
+    async fn record(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
+        if id.0 > self.watermark() {
+            return Ok(None);
+        }
+        self.read(move |db, _| read_record(db, id.0)).await
+    }
+
+    async fn body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError> {
+        if id.0 > self.watermark() {
+            return Ok(None);
+        }
+        self.read(move |db, _| read_bytes(db, &id_key(BODY, id.0)))
+            .await
+    }
+
+    async fn feed(
+        &self,
+        after: Option<DeliveryId>,
+        limit: usize,
+        scope: &Scope,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let scope = scope.clone();
+        self.read(move |db, watermark| read_feed(db, watermark, after, limit, &scope))
+            .await
+    }
+
+    async fn delete_controlid(&self, controlid: &str, scope: &Scope) -> Result<usize, StoreError> {
+        let controlid = controlid.to_owned();
+        let scope = scope.clone();
+        self.submit(|reply| Request::Delete {
+            controlid,
+            scope,
+            reply,
+        })
+        .await
+    }
+
+    async fn quarantined(
+        &self,
+        after: Option<DeliveryId>,
+        limit: usize,
+    ) -> Result<Vec<QuarantineRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read(move |db, watermark| read_quarantined(db, watermark, after, limit))
+            .await
+    }
+
+    async fn quarantined_body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError> {
+        if id.0 > self.watermark() {
+            return Ok(None);
+        }
+        self.read(move |db, _| read_bytes(db, &id_key(QBODY, id.0)))
+            .await
+    }
+
+    fn committed(&self) -> watch::Receiver<DeliveryId> {
+        self.committed.subscribe()
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.submit(Request::Probe).await
+    }
+
+    /// Commits what is queued, flushes and stops the writer. A second call returns at once.
+    async fn close(&self) -> Result<(), StoreError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let Some(tx) = self.writer.tx.as_ref() else {
+            return Ok(());
+        };
+        let (reply, response) = oneshot::channel();
+        if tx.send(Request::Close(reply)).await.is_err() {
+            // The writer is already gone; there is nothing left to flush through it.
+            return self.db.flush().map(|_| ()).map_err(sled_error);
+        }
+        response.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    /// The database.
+    db: sled::Db,
+    /// Where requests arrive.
+    rx: mpsc::Receiver<Request>,
+    /// The most requests per group.
+    max_batch: usize,
+    /// The next id to assign; ids are never reused, even after a failed write.
+    next_id: u64,
+    /// Stored deliveries, as persisted in `s/deliveries`.
+    deliveries: u64,
+    /// Stored quarantined bodies, as persisted in `s/quarantined`.
+    quarantined: u64,
+    /// The committed watermark.
+    committed: Arc<watch::Sender<DeliveryId>>,
+    /// Counters shared with the store handle.
+    shared: Arc<Shared>,
+    /// sled's log file, for an extra `fdatasync` after each flush.
+    db_file: File,
+    /// sled's blob directory (values too large for the log live there, one file each).
+    blobs_dir: PathBuf,
+    /// Blob files known to be durable.
+    synced_blobs: HashSet<OsString>,
+    /// Test hooks.
+    #[cfg(test)]
+    hooks: Arc<hooks::Hooks>,
+}
+
+impl Writer {
+    /// Serves groups of requests until the channel closes or a `Close` request arrives.
+    fn run(mut self) {
+        while let Some(first) = self.rx.blocking_recv() {
+            #[cfg(test)]
+            self.hooks.wait_before_collect();
+            let mut group = Vec::with_capacity(self.max_batch.min(64));
+            let mut close = None;
+            match first {
+                Request::Close(reply) => close = Some(reply),
+                request => group.push(request),
+            }
+            while close.is_none() && group.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(Request::Close(reply)) => close = Some(reply),
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+            if let Some(reply) = close {
+                let result = self.flush();
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "flush on close failed");
+                }
+                let _ = reply.send(result);
+                // Requests still queued are dropped with the receiver: their callers get `Closed`.
+                return;
+            }
+        }
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "final flush of the store failed");
+        }
+    }
+
+    /// Applies a group of requests, makes it durable with one flush, publishes the watermark,
+    /// then answers every request.
+    fn commit_group(&mut self, group: Vec<Request>) {
+        let count = group.len() as u64;
+        let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
+        let mut group_error: Option<String> = None;
+        for request in group {
+            let answer = match request {
+                Request::Put(delivery, reply) => {
+                    let result = self.apply(|w| w.put(&delivery), &mut group_error);
+                    answer(reply, result)
+                }
+                Request::Quarantine(item, reply) => {
+                    let result = self.apply(|w| w.quarantine(&item), &mut group_error);
+                    answer(reply, result)
+                }
+                Request::Delete {
+                    controlid,
+                    scope,
+                    reply,
+                } => {
+                    let result = self.apply(|w| w.delete(&controlid, &scope), &mut group_error);
+                    answer(reply, result)
+                }
+                Request::Purge {
+                    cutoff_ms,
+                    batch,
+                    reply,
+                } => {
+                    let result = self.apply(|w| w.purge(cutoff_ms, batch), &mut group_error);
+                    answer(reply, result)
+                }
+                Request::Probe(reply) => {
+                    let result = self.apply(|w| w.probe(), &mut group_error);
+                    answer(reply, result)
+                }
+                // `run` never puts a `Close` in a group.
+                Request::Close(reply) => answer(reply, Ok(())),
+            };
+            answers.push(answer);
+        }
+
+        #[cfg(test)]
+        self.hooks.wait_before_flush();
+
+        if group_error.is_none() {
+            if let Err(e) = self.flush() {
+                group_error = Some(e.to_string());
+            }
+        }
+        match &group_error {
+            None => {
+                let newest = DeliveryId(self.next_id - 1);
+                self.committed.send_if_modified(|current| {
+                    let changed = *current != newest;
+                    *current = newest;
+                    changed
+                });
+                self.shared.requests.fetch_add(count, Ordering::Relaxed);
+            }
+            Some(message) => {
+                self.shared.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %message, requests = count, "store commit failed");
+            }
+        }
+        for answer in answers {
+            answer(group_error.as_deref());
+        }
+    }
+
+    /// Runs one request's work unless the group already failed; an I/O error fails the group.
+    fn apply<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+        group_error: &mut Option<String>,
+    ) -> Result<T, StoreError> {
+        if let Some(message) = group_error {
+            return Err(StoreError::Io(message.clone()));
+        }
+        let result = work(self);
+        if let Err(StoreError::Io(message)) = &result {
+            *group_error = Some(message.clone());
+        }
+        result
+    }
+
+    /// Takes the next id; it is spent even if the write then fails, so ids are never reused.
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Stores a delivery unless the same bytes are already there.
+    fn put(&mut self, delivery: &NewDelivery) -> Result<PutOutcome, StoreError> {
+        if let Some(existing) = self.find_duplicate(delivery)? {
+            return Ok(PutOutcome::Duplicate(DeliveryId(existing)));
+        }
+        let record = encode_delivery(delivery)?;
+        let id = self.take_id();
+        let mut batch = sled::Batch::default();
+        batch.insert(&id_key(META, id)[..], record);
+        batch.insert(&id_key(BODY, id)[..], &delivery.body[..]);
+        match &delivery.extracted.controlid {
+            Some(controlid) => batch.insert(
+                controlid_key(controlid, id),
+                controlid_value(&delivery.sha256, delivery.received_at_ms, &delivery.policy),
+            ),
+            None => batch.insert(
+                unmatched_key(&delivery.policy, &delivery.sha256),
+                &id.to_be_bytes()[..],
+            ),
+        }
+        batch.insert(policy_key(&delivery.policy, id), &[][..]);
+        batch.insert(
+            &time_key(delivery.received_at_ms, id)[..],
+            &[KIND_DELIVERY][..],
+        );
+        batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
+        batch.insert(DELIVERIES_KEY, &(self.deliveries + 1).to_be_bytes()[..]);
+        self.db.apply_batch(batch).map_err(sled_error)?;
+        self.deliveries += 1;
+        self.shared
+            .deliveries
+            .store(self.deliveries, Ordering::Relaxed);
+        Ok(PutOutcome::Stored(DeliveryId(id)))
+    }
+
+    /// The id of a stored delivery with the same bytes for the same controlid (or, unmatched,
+    /// the same policy). Sees writes of the current group, which are applied but not yet flushed.
+    fn find_duplicate(&self, delivery: &NewDelivery) -> Result<Option<u64>, StoreError> {
+        let candidate = match &delivery.extracted.controlid {
+            Some(controlid) => {
+                let mut found = None;
+                for entry in self.db.scan_prefix(controlid_prefix(controlid)) {
+                    let (key, value) = entry.map_err(sled_error)?;
+                    let Some(id) = id_suffix(&key) else { continue };
+                    if let Some(index) = ControlidEntry::parse(&value) {
+                        if index.sha256 == delivery.sha256 {
+                            found = Some(id);
+                            break;
+                        }
+                    }
+                }
+                found
+            }
+            None => self
+                .db
+                .get(unmatched_key(&delivery.policy, &delivery.sha256))
+                .map_err(sled_error)?
+                .and_then(|value| be_u64(&value)),
+        };
+        match candidate {
+            // An index entry whose record is gone must not swallow a new delivery.
+            Some(id) if self.db.contains_key(id_key(META, id)).map_err(sled_error)? => Ok(Some(id)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Keeps a refused body.
+    fn quarantine(&mut self, item: &NewQuarantine) -> Result<DeliveryId, StoreError> {
+        let record = encode_quarantine(item)?;
+        let id = self.take_id();
+        let mut batch = sled::Batch::default();
+        batch.insert(&id_key(QMETA, id)[..], record);
+        batch.insert(&id_key(QBODY, id)[..], &item.body[..]);
+        batch.insert(
+            &time_key(item.received_at_ms, id)[..],
+            &[KIND_QUARANTINE][..],
+        );
+        batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
+        batch.insert(QUARANTINED_KEY, &(self.quarantined + 1).to_be_bytes()[..]);
+        self.db.apply_batch(batch).map_err(sled_error)?;
+        self.quarantined += 1;
+        self.shared
+            .quarantined
+            .store(self.quarantined, Ordering::Relaxed);
+        Ok(DeliveryId(id))
+    }
+
+    /// Removes every delivery of `controlid` within `scope`, in one atomic batch.
+    fn delete(&mut self, controlid: &str, scope: &Scope) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0_u64;
+        for entry in self.db.scan_prefix(controlid_prefix(controlid)) {
+            let (key, value) = entry.map_err(sled_error)?;
+            let Some(id) = id_suffix(&key) else { continue };
+            match ControlidEntry::parse(&value) {
+                Some(index) => {
+                    if !scope.allows(index.policy) {
+                        continue;
+                    }
+                    batch.remove(policy_key(index.policy, id));
+                    batch.remove(&time_key(index.received_at_ms, id)[..]);
+                }
+                // An unreadable index entry names no policy: only an unscoped delete takes it.
+                None if *scope == Scope::All => {}
+                None => continue,
+            }
+            batch.remove(key);
+            batch.remove(&id_key(META, id)[..]);
+            batch.remove(&id_key(BODY, id)[..]);
+            removed += 1;
+        }
+        if removed > 0 {
+            let deliveries = self.deliveries.saturating_sub(removed);
+            batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
+            self.db.apply_batch(batch).map_err(sled_error)?;
+            self.deliveries = deliveries;
+            self.shared.deliveries.store(deliveries, Ordering::Relaxed);
+        }
+        Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+    }
+
+    /// Removes up to `limit` items received before `cutoff_ms`, in one atomic batch.
+    fn purge(&mut self, cutoff_ms: i64, limit: usize) -> Result<PurgeStep, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut scanned = 0;
+        let mut deliveries = 0_u64;
+        let mut quarantined = 0_u64;
+        let start = [TIME];
+        let end = time_prefix(cutoff_ms);
+        for entry in self.db.range(&start[..]..&end[..]).take(limit) {
+            let (key, kind) = entry.map_err(sled_error)?;
+            scanned += 1;
+            batch.remove(key.clone());
+            let Some(id) = id_suffix(&key) else { continue };
+            if kind.first() == Some(&KIND_QUARANTINE) {
+                if self
+                    .db
+                    .contains_key(id_key(QMETA, id))
+                    .map_err(sled_error)?
+                {
+                    quarantined += 1;
+                }
+                batch.remove(&id_key(QMETA, id)[..]);
+                batch.remove(&id_key(QBODY, id)[..]);
+                continue;
+            }
+            let Some(raw) = self.db.get(id_key(META, id)).map_err(sled_error)? else {
+                continue;
+            };
+            deliveries += 1;
+            // A record that cannot be decoded still goes; its index entries may stay behind,
+            // and readers skip index entries whose record is gone.
+            if let Ok(record) = decode_delivery(id, &raw) {
+                batch.remove(policy_key(&record.policy, id));
+                match &record.extracted.controlid {
+                    Some(controlid) => batch.remove(controlid_key(controlid, id)),
+                    None => {
+                        let key = unmatched_key(&record.policy, &record.sha256);
+                        let points_here = self
+                            .db
+                            .get(&key)
+                            .map_err(sled_error)?
+                            .and_then(|value| be_u64(&value))
+                            == Some(id);
+                        if points_here {
+                            batch.remove(key);
+                        }
+                    }
+                }
+            }
+            batch.remove(&id_key(META, id)[..]);
+            batch.remove(&id_key(BODY, id)[..]);
+        }
+        if scanned > 0 {
+            let new_deliveries = self.deliveries.saturating_sub(deliveries);
+            let new_quarantined = self.quarantined.saturating_sub(quarantined);
+            batch.insert(DELIVERIES_KEY, &new_deliveries.to_be_bytes()[..]);
+            batch.insert(QUARANTINED_KEY, &new_quarantined.to_be_bytes()[..]);
+            self.db.apply_batch(batch).map_err(sled_error)?;
+            self.deliveries = new_deliveries;
+            self.quarantined = new_quarantined;
+            self.shared
+                .deliveries
+                .store(new_deliveries, Ordering::Relaxed);
+            self.shared
+                .quarantined
+                .store(new_quarantined, Ordering::Relaxed);
+        }
+        let removed = usize::try_from(deliveries + quarantined).unwrap_or(usize::MAX);
+        Ok(PurgeStep { scanned, removed })
+    }
+
+    /// Writes the probe key (made durable by the group's flush).
+    fn probe(&mut self) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.db
+            .insert(PROBE_KEY, &now.to_be_bytes()[..])
+            .map_err(sled_error)?;
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable and records the flush in the counters.
+    ///
+    /// Three steps: new blob files are fsynced (sled writes a value too large for its log to a
+    /// file of its own and never fsyncs it), then `Db::flush` writes and syncs the log, then an
+    /// `fdatasync` of the log file flushes what `sync_file_range` leaves out (the drive's write
+    /// cache and the file size). Blobs are synced once more afterwards, for any that sled wrote
+    /// in the background in between.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.flush_steps();
+        let elapsed = started.elapsed();
+        if result.is_ok() {
+            self.shared.flushes.fetch_add(1, Ordering::Relaxed);
+            self.record_latency(elapsed);
+        }
+        result
+    }
+
+    /// The work of [`Writer::flush`].
+    fn flush_steps(&mut self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.hooks.take_failure() {
+            return Err(StoreError::Io("injected flush failure".to_owned()));
+        }
+        self.sync_blobs()?;
+        self.db.flush().map_err(sled_error)?;
+        self.db_file
+            .sync_data()
+            .map_err(|e| StoreError::Io(format!("syncing the log file: {e}")))?;
+        self.sync_blobs()
+    }
+
+    /// Fsyncs blob files not synced yet, then their directory.
+    fn sync_blobs(&mut self) -> Result<(), StoreError> {
+        let Ok(names) = list_dir(&self.blobs_dir) else {
+            // No blob directory (yet): nothing to sync.
+            return Ok(());
+        };
+        let mut new = false;
+        for name in &names {
+            if self.synced_blobs.contains(name) {
+                continue;
+            }
+            match File::open(self.blobs_dir.join(name)) {
+                Ok(file) => file
+                    .sync_all()
+                    .map_err(|e| StoreError::Io(format!("syncing a blob file: {e}")))?,
+                // sled removes blobs it no longer needs, possibly right now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::Io(format!("opening a blob file: {e}"))),
+            }
+            new = true;
+        }
+        if new {
+            sync_dir(&self.blobs_dir)?;
+        }
+        self.synced_blobs = names;
+        Ok(())
+    }
+
+    /// Counts one flush in the latency histogram.
+    fn record_latency(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.flush_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        if let Some(index) = FLUSH_BUCKETS.iter().position(|bound| seconds <= *bound) {
+            self.shared.buckets[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads the newest delivery of a controlid within scope, and how many there are.
+fn read_latest(
+    db: &sled::Db,
+    watermark: u64,
+    controlid: &str,
+    scope: &Scope,
+) -> Result<Option<Latest>, StoreError> {
+    let mut ids = Vec::new();
+    for entry in db.scan_prefix(controlid_prefix(controlid)).rev() {
+        let (key, value) = entry.map_err(sled_error)?;
+        let Some(id) = id_suffix(&key) else { continue };
+        if id > watermark {
+            continue;
+        }
+        match ControlidEntry::parse(&value) {
+            Some(index) if scope.allows(index.policy) => ids.push(id),
+            _ => {}
+        }
+    }
+    let deliveries = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+    for id in ids {
+        if let Some(record) = read_record(db, id)? {
+            return Ok(Some(Latest { record, deliveries }));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads and decodes one delivery record.
+fn read_record(db: &sled::Db, id: u64) -> Result<Option<DeliveryRecord>, StoreError> {
+    match db.get(id_key(META, id)).map_err(sled_error)? {
+        Some(raw) => decode_delivery(id, &raw).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads a body without copying it.
+fn read_bytes(db: &sled::Db, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+    Ok(db.get(key).map_err(sled_error)?.map(Bytes::from_owner))
+}
+
+/// Reads up to `limit` committed deliveries after `after`, within scope.
+///
+/// With [`Scope::All`] it walks the record prefix. With a list of policies it walks each policy's
+/// index (at most `limit` ids each), merges them and reads only the records it returns, so the
+/// work is bounded by `limit` times the number of policies whatever else is stored.
+fn read_feed(
+    db: &sled::Db,
+    watermark: u64,
+    after: Option<DeliveryId>,
+    limit: usize,
+    scope: &Scope,
+) -> Result<Vec<DeliveryRecord>, StoreError> {
+    let Some(first) = after.map_or(Some(1), |a| a.0.checked_add(1)) else {
+        return Ok(Vec::new());
+    };
+    if first > watermark {
+        return Ok(Vec::new());
+    }
+    match scope {
+        Scope::All => {
+            let mut records = Vec::with_capacity(limit.min(1024));
+            let range = id_key(META, first)..=id_key(META, watermark);
+            for entry in db.range(range) {
+                let (key, raw) = entry.map_err(sled_error)?;
+                let Some(id) = id_suffix(&key) else { continue };
+                records.push(decode_delivery(id, &raw)?);
+                if records.len() == limit {
+                    break;
+                }
+            }
+            Ok(records)
+        }
+        Scope::Policies(policies) => {
+            let mut ids = Vec::new();
+            let mut seen = HashSet::new();
+            for policy in policies {
+                if !seen.insert(policy.as_str()) {
+                    continue;
+                }
+                let range = policy_key(policy, first)..=policy_key(policy, watermark);
+                for entry in db.range(range).keys().take(limit) {
+                    let key = entry.map_err(sled_error)?;
+                    if let Some(id) = id_suffix(&key) {
+                        ids.push(id);
+                    }
+                }
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            let mut records = Vec::with_capacity(limit.min(ids.len()));
+            for id in ids {
+                if records.len() == limit {
+                    break;
+                }
+                // The index entry may outlive an undecodable record removed by a purge.
+                if let Some(record) = read_record(db, id)? {
+                    records.push(record);
+                }
+            }
+            Ok(records)
+        }
+    }
+}
+
+/// Reads up to `limit` committed quarantine records after `after`.
+fn read_quarantined(
+    db: &sled::Db,
+    watermark: u64,
+    after: Option<DeliveryId>,
+    limit: usize,
+) -> Result<Vec<QuarantineRecord>, StoreError> {
+    let Some(first) = after.map_or(Some(1), |a| a.0.checked_add(1)) else {
+        return Ok(Vec::new());
+    };
+    if first > watermark {
+        return Ok(Vec::new());
+    }
+    let mut records = Vec::with_capacity(limit.min(1024));
+    for entry in db.range(id_key(QMETA, first)..=id_key(QMETA, watermark)) {
+        let (key, raw) = entry.map_err(sled_error)?;
+        let Some(id) = id_suffix(&key) else { continue };
+        records.push(decode_quarantine(id, &raw)?);
+        if records.len() == limit {
+            break;
+        }
+    }
+    Ok(records)
+}
+
+/// The next id to assign: the persisted counter, or past the newest key if that is higher.
+fn initial_next_id(db: &sled::Db) -> Result<u64, StoreError> {
+    let mut next = read_counter(db, NEXT_ID_KEY)?.unwrap_or(1).max(1);
+    for prefix in [META, QMETA] {
+        if let Some(entry) = db.scan_prefix([prefix]).next_back() {
+            let (key, _) = entry.map_err(sled_error)?;
+            if let Some(id) = id_suffix(&key) {
+                next = next.max(id.saturating_add(1));
+            }
+        }
+    }
+    Ok(next)
+}
+
+/// Reads a big-endian `u64` counter.
+fn read_counter(db: &sled::Db, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    match db.get(key).map_err(sled_error)? {
+        None => Ok(None),
+        Some(raw) => be_u64(&raw).map(Some).ok_or_else(|| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: "counter is not 8 bytes".to_owned(),
+        }),
+    }
+}
+
+/// Counts the keys under a one-byte prefix (once, when a counter is missing).
+fn count_prefix(db: &sled::Db, prefix: u8) -> Result<u64, StoreError> {
+    let mut count = 0;
+    for key in db.scan_prefix([prefix]).keys() {
+        key.map_err(sled_error)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Maps a sled error.
+fn sled_error(e: sled::Error) -> StoreError {
+    StoreError::Io(format!("sled: {e}"))
+}
+
+/// `prefix` followed by the big-endian id.
+fn id_key(prefix: u8, id: u64) -> [u8; 9] {
+    let mut key = [0; 9];
+    key[0] = prefix;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The id in the last 8 bytes of a key.
+fn id_suffix(key: &[u8]) -> Option<u64> {
+    let start = key.len().checked_sub(8)?;
+    be_u64(&key[start..])
+}
+
+/// Decodes exactly 8 big-endian bytes.
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(bytes).ok().map(u64::from_be_bytes)
+}
+
+/// `prefix` followed by a length-prefixed string.
+fn string_prefix(prefix: u8, s: &str, extra: usize) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + 4 + s.len() + extra);
+    key.push(prefix);
+    key.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_be_bytes());
+    key.extend_from_slice(s.as_bytes());
+    key
+}
+
+/// The prefix of every index entry of a controlid.
+fn controlid_prefix(controlid: &str) -> Vec<u8> {
+    string_prefix(CONTROLID, controlid, 8)
+}
+
+/// The index entry of one delivery of a controlid.
+fn controlid_key(controlid: &str, id: u64) -> Vec<u8> {
+    let mut key = controlid_prefix(controlid);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The value of a controlid index entry.
+fn controlid_value(sha256: &[u8; 32], received_at_ms: i64, policy: &str) -> Vec<u8> {
+    let mut value = Vec::with_capacity(40 + policy.len());
+    value.extend_from_slice(sha256);
+    value.extend_from_slice(&received_at_ms.to_be_bytes());
+    value.extend_from_slice(policy.as_bytes());
+    value
+}
+
+/// A decoded controlid index value.
+struct ControlidEntry<'a> {
+    /// SHA-256 of the body.
+    sha256: [u8; 32],
+    /// Arrival time.
+    received_at_ms: i64,
+    /// The policy it was posted to.
+    policy: &'a str,
+}
+
+impl<'a> ControlidEntry<'a> {
+    /// Decodes a value written by [`controlid_value`].
+    fn parse(value: &'a [u8]) -> Option<Self> {
+        let sha256 = <[u8; 32]>::try_from(value.get(..32)?).ok()?;
+        let received_at_ms = i64::from_be_bytes(<[u8; 8]>::try_from(value.get(32..40)?).ok()?);
+        let policy = std::str::from_utf8(value.get(40..)?).ok()?;
+        Some(ControlidEntry {
+            sha256,
+            received_at_ms,
+            policy,
+        })
+    }
+}
+
+/// The idempotency key of an unmatched delivery.
+fn unmatched_key(policy: &str, sha256: &[u8; 32]) -> Vec<u8> {
+    let mut key = string_prefix(UNMATCHED, policy, 32);
+    key.extend_from_slice(sha256);
+    key
+}
+
+/// The per-policy index entry of one delivery.
+fn policy_key(policy: &str, id: u64) -> Vec<u8> {
+    let mut key = string_prefix(POLICY, policy, 8);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// A timestamp as bytes that sort like the signed number.
+fn time_bytes(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// The first key of the time index at `ms`.
+fn time_prefix(ms: i64) -> [u8; 9] {
+    let mut key = [0; 9];
+    key[0] = TIME;
+    key[1..].copy_from_slice(&time_bytes(ms));
+    key
+}
+
+/// The time index entry of one item.
+fn time_key(ms: i64, id: u64) -> [u8; 17] {
+    let mut key = [0; 17];
+    key[..9].copy_from_slice(&time_prefix(ms));
+    key[9..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// A delivery record as stored (the id is in the key).
+#[derive(Serialize)]
+struct StoredDeliveryRef<'a> {
+    /// The policy id.
+    policy: &'a str,
+    /// Arrival time.
+    received_at_ms: i64,
+    /// Body size.
+    size: u64,
+    /// SHA-256 of the body, hex.
+    sha256: String,
+    /// What the extractor found.
+    extracted: &'a Extracted,
+}
+
+/// A delivery record as read back.
+#[derive(Deserialize)]
+struct StoredDelivery {
+    /// The policy id.
+    policy: String,
+    /// Arrival time.
+    received_at_ms: i64,
+    /// Body size.
+    size: u64,
+    /// SHA-256 of the body, hex.
+    sha256: String,
+    /// What the extractor found.
+    extracted: Extracted,
+}
+
+/// A quarantine record as stored (the id is in the key).
+#[derive(Serialize)]
+struct StoredQuarantineRef<'a> {
+    /// The policy id.
+    policy: &'a str,
+    /// Arrival time.
+    received_at_ms: i64,
+    /// Body size.
+    size: u64,
+    /// Why it was refused.
+    reason: &'a str,
+}
+
+/// A quarantine record as read back.
+#[derive(Deserialize)]
+struct StoredQuarantine {
+    /// The policy id.
+    policy: String,
+    /// Arrival time.
+    received_at_ms: i64,
+    /// Body size.
+    size: u64,
+    /// Why it was refused.
+    reason: String,
+}
+
+/// Encodes a value with the leading version byte.
+fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![RECORD_VERSION];
+    serde_json::to_writer(&mut out, value).map_err(|e| StoreError::Corrupt {
+        key: what.to_owned(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode`].
+fn decode<T: for<'de> Deserialize<'de>>(prefix: u8, id: u64, raw: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: format!("{}/{}", char::from(prefix), DeliveryId(id)),
+        reason,
+    };
+    match raw.split_first() {
+        Some((&RECORD_VERSION, json)) => {
+            serde_json::from_slice(json).map_err(|e| corrupt(format!("bad json: {e}")))
+        }
+        Some((version, _)) => Err(corrupt(format!("unknown version {version}"))),
+        None => Err(corrupt("empty".to_owned())),
+    }
+}
+
+/// Encodes the record of a new delivery.
+fn encode_delivery(delivery: &NewDelivery) -> Result<Vec<u8>, StoreError> {
+    encode(
+        &StoredDeliveryRef {
+            policy: &delivery.policy,
+            received_at_ms: delivery.received_at_ms,
+            size: delivery.body.len() as u64,
+            sha256: hex::encode(delivery.sha256),
+            extracted: &delivery.extracted,
+        },
+        "new delivery",
+    )
+}
+
+/// Decodes a delivery record.
+fn decode_delivery(id: u64, raw: &[u8]) -> Result<DeliveryRecord, StoreError> {
+    let stored: StoredDelivery = decode(META, id, raw)?;
+    let mut sha256 = [0; 32];
+    hex::decode_to_slice(&stored.sha256, &mut sha256).map_err(|e| StoreError::Corrupt {
+        key: format!("m/{}", DeliveryId(id)),
+        reason: format!("bad sha256: {e}"),
+    })?;
+    Ok(DeliveryRecord {
+        id: DeliveryId(id),
+        policy: stored.policy,
+        received_at_ms: stored.received_at_ms,
+        size: stored.size,
+        sha256,
+        extracted: stored.extracted,
+    })
+}
+
+/// Encodes the record of a quarantined body.
+fn encode_quarantine(item: &NewQuarantine) -> Result<Vec<u8>, StoreError> {
+    encode(
+        &StoredQuarantineRef {
+            policy: &item.policy,
+            received_at_ms: item.received_at_ms,
+            size: item.body.len() as u64,
+            reason: &item.reason,
+        },
+        "new quarantine item",
+    )
+}
+
+/// Decodes a quarantine record.
+fn decode_quarantine(id: u64, raw: &[u8]) -> Result<QuarantineRecord, StoreError> {
+    let stored: StoredQuarantine = decode(QMETA, id, raw)?;
+    Ok(QuarantineRecord {
+        id: DeliveryId(id),
+        policy: stored.policy,
+        received_at_ms: stored.received_at_ms,
+        size: stored.size,
+        reason: stored.reason,
+    })
+}
+
+/// The names in a directory.
+fn list_dir(dir: &Path) -> std::io::Result<HashSet<OsString>> {
+    fs::read_dir(dir)?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect()
+}
+
+/// Fsyncs a directory so that the files created in it survive a crash (a no-op off Unix).
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Bytes used by the files under `dir`, `depth` levels deep; unreadable entries count as 0.
+fn dir_size(dir: &Path, depth: u32) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() && depth > 0 => dir_size(&entry.path(), depth - 1),
+            Ok(meta) if meta.is_file() => meta.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod hooks {
+    //! Points where a test can hold the writer, to make batching and visibility deterministic.
+
+    use std::sync::{Condvar, Mutex, MutexGuard};
+
+    /// What the test asked for, and where the writer is.
+    #[derive(Default)]
+    pub(super) struct State {
+        /// Hold the writer after it received a group's first request, before it takes the rest.
+        pub(super) hold_collect: bool,
+        /// Hold the writer after it applied a group, before its flush.
+        pub(super) hold_flush: bool,
+        /// The writer is being held before a flush.
+        pub(super) at_flush: bool,
+        /// The writer is being held before collecting a group.
+        pub(super) at_collect: bool,
+        /// How many of the next flushes fail.
+        pub(super) fail_flushes: u32,
+    }
+
+    /// The hooks shared by a test and the writer.
+    #[derive(Default)]
+    pub(super) struct Hooks {
+        /// The state.
+        state: Mutex<State>,
+        /// Signalled on every change.
+        changed: Condvar,
+    }
+
+    impl Hooks {
+        /// Locks the state, ignoring poisoning.
+        fn lock(&self) -> MutexGuard<'_, State> {
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// Changes the state and wakes the writer.
+        pub(super) fn set(&self, change: impl FnOnce(&mut State)) {
+            change(&mut self.lock());
+            self.changed.notify_all();
+        }
+
+        /// Whether the writer is held before a flush.
+        pub(super) fn at_flush(&self) -> bool {
+            self.lock().at_flush
+        }
+
+        /// Called by the writer at each flush: whether this one is to fail.
+        pub(super) fn take_failure(&self) -> bool {
+            let mut state = self.lock();
+            if state.fail_flushes == 0 {
+                return false;
+            }
+            state.fail_flushes -= 1;
+            true
+        }
+
+        /// Whether the writer is held before collecting a group.
+        pub(super) fn at_collect(&self) -> bool {
+            self.lock().at_collect
+        }
+
+        /// Called by the writer before it collects a group.
+        pub(super) fn wait_before_collect(&self) {
+            let mut state = self.lock();
+            if !state.hold_collect {
+                return;
+            }
+            state.at_collect = true;
+            self.changed.notify_all();
+            while state.hold_collect {
+                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            state.at_collect = false;
+        }
+
+        /// Called by the writer before it flushes a group.
+        pub(super) fn wait_before_flush(&self) {
+            let mut state = self.lock();
+            if !state.hold_flush {
+                return;
+            }
+            state.at_flush = true;
+            self.changed.notify_all();
+            while state.hold_flush {
+                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            state.at_flush = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn options() -> SledOptions {
+        SledOptions {
+            cache_capacity_bytes: 16 * 1024 * 1024,
+            max_batch: 256,
+        }
+    }
+
+    fn delivery(policy: &str, controlid: Option<&str>, body: &[u8], at: i64) -> NewDelivery {
+        NewDelivery {
+            policy: policy.to_owned(),
+            received_at_ms: at,
+            body: Bytes::copy_from_slice(body),
+            sha256: Sha256::digest(body).into(),
+            extracted: Extracted {
+                controlid: controlid.map(str::to_owned),
+                well_formed: true,
+                ..Extracted::default()
+            },
+        }
+    }
+
+    fn quarantine_item(policy: &str, body: &[u8], at: i64) -> NewQuarantine {
+        NewQuarantine {
+            policy: policy.to_owned(),
+            received_at_ms: at,
+            body: Bytes::copy_from_slice(body),
+            reason: "malformed xml".to_owned(),
+        }
+    }
+
+    fn scope(policies: &[&str]) -> Scope {
+        Scope::Policies(policies.iter().map(|p| (*p).to_owned()).collect())
+    }
+
+    /// Opens a store, retrying briefly in case the previous handle is still releasing its lock.
+    async fn reopen(dir: &Path) -> SledStore {
+        let mut last = None;
+        for _ in 0..50 {
+            match SledStore::open(dir, options()) {
+                Ok(store) => return store,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("reopen failed: {last:?}");
+    }
+
+    /// Waits until `cond` holds, for at most ten seconds.
+    async fn wait_until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached");
+    }
+
+    fn queued(store: &SledStore) -> usize {
+        let tx = store.writer.tx.as_ref().expect("sender");
+        tx.max_capacity() - tx.capacity()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn put_then_read_back_byte_exact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let body: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let mut d = delivery("pol", Some("ctl-1"), &body, 1_000);
+        d.extracted.control = Some(crate::xml::Control {
+            status: Some("success".to_owned()),
+            ..Default::default()
+        });
+        let outcome = store.put(d.clone()).await.expect("put");
+        let PutOutcome::Stored(id) = outcome else {
+            panic!("expected Stored, got {outcome:?}")
+        };
+        assert!(*store.committed().borrow() >= id);
+
+        let latest = store
+            .latest("ctl-1", &Scope::All)
+            .await
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.deliveries, 1);
+        assert_eq!(latest.record.id, id);
+        assert_eq!(latest.record.policy, "pol");
+        assert_eq!(latest.record.received_at_ms, 1_000);
+        assert_eq!(latest.record.size, body.len() as u64);
+        assert_eq!(latest.record.sha256, d.sha256);
+        assert_eq!(latest.record.extracted, d.extracted);
+
+        let record = store.record(id).await.expect("record").expect("some");
+        assert_eq!(record, latest.record);
+        let stored = store.body(id).await.expect("body").expect("some");
+        assert_eq!(&stored[..], &body[..]);
+
+        assert!(store
+            .latest("other", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert!(store
+            .record(DeliveryId(id.0 + 1))
+            .await
+            .expect("record")
+            .is_none());
+        assert!(store
+            .body(DeliveryId(id.0 + 1))
+            .await
+            .expect("body")
+            .is_none());
+        assert_eq!(store.delivery_count(), 1);
+        store.check_writable().await.expect("writable");
+        assert!(store.size_on_disk() > 0);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn large_body_roundtrip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let body: Vec<u8> = (0..3 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+        let id = store
+            .put(delivery("pol", Some("big"), &body, 1))
+            .await
+            .expect("put")
+            .id();
+        // sled keeps a value this large in a blob file of its own, which the writer fsyncs.
+        assert!(!list_dir(&dir.path().join("blobs"))
+            .expect("blobs")
+            .is_empty());
+        drop(store);
+        let store = reopen(dir.path()).await;
+        let stored = store.body(id).await.expect("body").expect("some");
+        assert_eq!(stored.len(), body.len());
+        assert!(stored[..] == body[..]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn identical_is_duplicate_and_different_is_a_new_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let first = store
+            .put(delivery("pol", Some("c1"), b"<response>1</response>", 1))
+            .await
+            .expect("put");
+        let again = store
+            .put(delivery("pol", Some("c1"), b"<response>1</response>", 2))
+            .await
+            .expect("put");
+        assert!(matches!(first, PutOutcome::Stored(_)));
+        assert_eq!(again, PutOutcome::Duplicate(first.id()));
+
+        let second = store
+            .put(delivery("pol", Some("c1"), b"<response>2</response>", 3))
+            .await
+            .expect("put");
+        let PutOutcome::Stored(second_id) = second else {
+            panic!("expected Stored, got {second:?}")
+        };
+        assert!(second_id > first.id());
+        let latest = store
+            .latest("c1", &Scope::All)
+            .await
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.record.id, second_id);
+        assert_eq!(latest.deliveries, 2);
+        // Re-sending the first body again is still a duplicate of the first delivery.
+        let third = store
+            .put(delivery("pol", Some("c1"), b"<response>1</response>", 4))
+            .await
+            .expect("put");
+        assert_eq!(third, PutOutcome::Duplicate(first.id()));
+        assert_eq!(store.delivery_count(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn duplicates_within_one_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        store.hooks.set(|s| s.hold_collect = true);
+        let a = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.put(delivery("pol", Some("same"), b"x", 1)).await }
+        });
+        wait_until(|| store.hooks.at_collect()).await;
+        let mut rest = Vec::new();
+        for (controlid, body) in [(Some("same"), b"x"), (None, b"u"), (None, b"u")] {
+            let handle = Arc::clone(&store);
+            rest.push(tokio::spawn(async move {
+                handle.put(delivery("pol", controlid, body, 2)).await
+            }));
+            let expected = rest.len();
+            wait_until(|| queued(&store) == expected).await;
+        }
+        let flushes = store.flush_count();
+        store.hooks.set(|s| s.hold_collect = false);
+        let a = a.await.expect("join").expect("put");
+        let mut outcomes = Vec::new();
+        for task in rest {
+            outcomes.push(task.await.expect("join").expect("put"));
+        }
+        assert!(matches!(a, PutOutcome::Stored(_)));
+        assert_eq!(outcomes[0], PutOutcome::Duplicate(a.id()));
+        assert!(matches!(outcomes[1], PutOutcome::Stored(_)));
+        assert_eq!(outcomes[2], PutOutcome::Duplicate(outcomes[1].id()));
+        assert_eq!(store.flush_count(), flushes + 1, "one group, one flush");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unmatched_idempotency_is_per_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let body = b"<response><control/></response>";
+        let a = store.put(delivery("a", None, body, 1)).await.expect("put");
+        let a2 = store.put(delivery("a", None, body, 2)).await.expect("put");
+        let b = store.put(delivery("b", None, body, 3)).await.expect("put");
+        assert!(matches!(a, PutOutcome::Stored(_)));
+        assert_eq!(a2, PutOutcome::Duplicate(a.id()));
+        assert!(matches!(b, PutOutcome::Stored(_)));
+        assert_ne!(a.id(), b.id());
+        // A matched delivery with the same bytes is keyed by its controlid, not by policy.
+        let c = store
+            .put(delivery("a", Some("k"), body, 4))
+            .await
+            .expect("put");
+        assert!(matches!(c, PutOutcome::Stored(_)));
+        let record = store.record(a.id()).await.expect("record").expect("some");
+        assert_eq!(record.extracted.controlid, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn scope_filters_latest_feed_and_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let in_a = store
+            .put(delivery("a", Some("c"), b"1", 1))
+            .await
+            .expect("put")
+            .id();
+        let in_b = store
+            .put(delivery("b", Some("c"), b"2", 2))
+            .await
+            .expect("put")
+            .id();
+
+        let only_a = scope(&["a"]);
+        let latest = store
+            .latest("c", &only_a)
+            .await
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.record.id, in_a);
+        assert_eq!(latest.deliveries, 1);
+        let latest = store
+            .latest("c", &Scope::All)
+            .await
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.record.id, in_b);
+        assert_eq!(latest.deliveries, 2);
+        assert!(store
+            .latest("c", &scope(&["z"]))
+            .await
+            .expect("latest")
+            .is_none());
+        assert!(store
+            .latest("c", &scope(&[]))
+            .await
+            .expect("latest")
+            .is_none());
+
+        let feed = store.feed(None, 10, &only_a).await.expect("feed");
+        assert_eq!(feed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![in_a]);
+        let feed = store
+            .feed(None, 10, &scope(&["b", "a", "b"]))
+            .await
+            .expect("feed");
+        assert_eq!(
+            feed.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![in_a, in_b]
+        );
+
+        assert_eq!(
+            store
+                .delete_controlid("c", &scope(&["b"]))
+                .await
+                .expect("delete"),
+            1
+        );
+        let latest = store
+            .latest("c", &Scope::All)
+            .await
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.record.id, in_a);
+        assert_eq!(latest.deliveries, 1);
+        assert!(store.record(in_b).await.expect("record").is_none());
+        assert!(store.body(in_b).await.expect("body").is_none());
+        assert_eq!(store.delivery_count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn feed_order_after_and_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            let policy = if i % 2 == 0 { "even" } else { "odd" };
+            let controlid = format!("c{i}");
+            let controlid = if i == 5 {
+                None
+            } else {
+                Some(controlid.as_str())
+            };
+            let body = format!("body {i}");
+            ids.push(
+                store
+                    .put(delivery(policy, controlid, body.as_bytes(), i))
+                    .await
+                    .expect("put")
+                    .id(),
+            );
+        }
+        // A quarantined body takes an id but never shows in the feed.
+        store
+            .quarantine(quarantine_item("even", b"junk", 99))
+            .await
+            .expect("quarantine");
+
+        let all = store.feed(None, 100, &Scope::All).await.expect("feed");
+        assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        let page = store.feed(None, 3, &Scope::All).await.expect("feed");
+        assert_eq!(page.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..3]);
+        let page = store
+            .feed(Some(ids[2]), 3, &Scope::All)
+            .await
+            .expect("feed");
+        assert_eq!(page.iter().map(|r| r.id).collect::<Vec<_>>(), ids[3..6]);
+        let page = store
+            .feed(Some(ids[9]), 3, &Scope::All)
+            .await
+            .expect("feed");
+        assert!(page.is_empty());
+        assert!(store
+            .feed(None, 0, &Scope::All)
+            .await
+            .expect("feed")
+            .is_empty());
+        assert!(store
+            .feed(Some(DeliveryId(u64::MAX)), 5, &Scope::All)
+            .await
+            .expect("feed")
+            .is_empty());
+
+        let odd = store
+            .feed(Some(ids[1]), 2, &scope(&["odd"]))
+            .await
+            .expect("feed");
+        assert_eq!(
+            odd.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[3], ids[5]]
+        );
+        let both = store
+            .feed(Some(ids[6]), 10, &scope(&["odd", "even"]))
+            .await
+            .expect("feed");
+        assert_eq!(both.iter().map(|r| r.id).collect::<Vec<_>>(), ids[7..]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn delete_removes_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let one = store
+            .put(delivery("p", Some("gone"), b"1", 7))
+            .await
+            .expect("put")
+            .id();
+        let two = store
+            .put(delivery("p", Some("gone"), b"2", 7))
+            .await
+            .expect("put")
+            .id();
+        let kept = store
+            .put(delivery("p", Some("kept"), b"3", 3))
+            .await
+            .expect("put")
+            .id();
+        assert_eq!(
+            store
+                .delete_controlid("gone", &Scope::All)
+                .await
+                .expect("delete"),
+            2
+        );
+        assert!(store
+            .latest("gone", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        for id in [one, two] {
+            assert!(store.record(id).await.expect("record").is_none());
+            assert!(store.body(id).await.expect("body").is_none());
+        }
+        let feed = store.feed(None, 10, &scope(&["p"])).await.expect("feed");
+        assert_eq!(feed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![kept]);
+        assert_eq!(
+            store
+                .delete_controlid("gone", &Scope::All)
+                .await
+                .expect("delete"),
+            0
+        );
+        // The same bytes again are a new delivery: the old one was acknowledged and removed.
+        let again = store
+            .put(delivery("p", Some("gone"), b"1", 4))
+            .await
+            .expect("put");
+        assert!(matches!(again, PutOutcome::Stored(id) if id > kept));
+        // Nothing of the deleted deliveries is left in the tree.
+        for prefix in [META, BODY, POLICY, TIME] {
+            for id in [one, two] {
+                let key = match prefix {
+                    POLICY => policy_key("p", id.0),
+                    TIME => time_key(7, id.0).to_vec(),
+                    _ => id_key(prefix, id.0).to_vec(),
+                };
+                assert!(!store.db.contains_key(key).expect("get"));
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reopen_keeps_everything_and_ids_keep_growing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let a = store
+            .put(delivery("p", Some("a"), b"aaa", 1))
+            .await
+            .expect("put")
+            .id();
+        let q = store
+            .quarantine(quarantine_item("p", b"<<<", 2))
+            .await
+            .expect("quarantine");
+        store.close().await.expect("close");
+        assert!(matches!(
+            store.put(delivery("p", Some("b"), b"b", 3)).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(
+            store.check_writable().await,
+            Err(StoreError::Closed)
+        ));
+        store.close().await.expect("second close");
+        drop(store);
+
+        let store = reopen(dir.path()).await;
+        assert_eq!(*store.committed().borrow(), q);
+        let latest = store
+            .latest("a", &Scope::All)
+            .await
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.record.id, a);
+        assert_eq!(
+            &store.body(a).await.expect("body").expect("some")[..],
+            b"aaa"
+        );
+        assert_eq!(
+            &store
+                .quarantined_body(q)
+                .await
+                .expect("body")
+                .expect("some")[..],
+            b"<<<"
+        );
+        let b = store
+            .put(delivery("p", Some("b"), b"b", 3))
+            .await
+            .expect("put");
+        assert!(matches!(b, PutOutcome::Stored(id) if id > q));
+        let dup = store
+            .put(delivery("p", Some("a"), b"aaa", 4))
+            .await
+            .expect("put");
+        assert_eq!(dup, PutOutcome::Duplicate(a));
+        assert_eq!(store.delivery_count(), 2);
+        assert_eq!(store.quarantine_count(), 1);
+
+        // Dropped without close: the drop commits and releases the database.
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(
+            store.feed(None, 10, &Scope::All).await.expect("feed").len(),
+            2
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_puts_are_group_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        let before = store.flush_count();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let body = format!("<response>{i}</response>");
+                    store
+                        .put(delivery("p", Some(&format!("c{i}")), body.as_bytes(), i))
+                        .await
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for task in tasks {
+            let outcome = task.await.expect("join").expect("put");
+            assert!(matches!(outcome, PutOutcome::Stored(_)));
+            assert!(ids.insert(outcome.id()), "ids are distinct");
+        }
+        let flushes = store.flush_count() - before;
+        println!("200 concurrent puts: {flushes} flushes");
+        assert!(flushes <= 200, "at most one flush per put");
+        assert_eq!(
+            store
+                .feed(None, 1000, &Scope::All)
+                .await
+                .expect("feed")
+                .len(),
+            200
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn queued_puts_share_one_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        store.hooks.set(|s| s.hold_collect = true);
+        let spawn_put = |i: usize| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let body = format!("<response>{i}</response>");
+                store
+                    .put(delivery("p", Some(&format!("c{i}")), body.as_bytes(), 0))
+                    .await
+            })
+        };
+        // The first request reaches the writer, which is then held; the rest queue up.
+        let mut tasks = vec![spawn_put(0)];
+        wait_until(|| store.hooks.at_collect()).await;
+        tasks.extend((1..200).map(spawn_put));
+        wait_until(|| queued(&store) == 199).await;
+        let before = store.flush_count();
+        store.hooks.set(|s| s.hold_collect = false);
+        let mut ids = HashSet::new();
+        for task in tasks {
+            assert!(ids.insert(task.await.expect("join").expect("put").id()));
+        }
+        assert_eq!(ids.len(), 200);
+        assert_eq!(
+            store.flush_count() - before,
+            1,
+            "one group of 200, one flush"
+        );
+        let stats = store.flush_stats();
+        assert_eq!(stats.requests, 200);
+        assert_eq!(stats.failures, 0);
+        assert!(stats.buckets.last().map_or(0, |b| b.1) <= stats.flushes);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn readers_do_not_see_a_put_before_its_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        let mut committed = store.committed();
+        let start = *committed.borrow_and_update();
+        store.hooks.set(|s| s.hold_flush = true);
+        let task = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.put(delivery("p", Some("w"), b"wm", 1)).await }
+        });
+        wait_until(|| store.hooks.at_flush()).await;
+        // Applied to sled, not yet flushed: the raw tree has it, the store does not show it.
+        let id = DeliveryId(start.0 + 1);
+        assert!(store.db.contains_key(id_key(META, id.0)).expect("get"));
+        assert!(store
+            .latest("w", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert!(store.record(id).await.expect("record").is_none());
+        assert!(store.body(id).await.expect("body").is_none());
+        assert!(store
+            .feed(None, 10, &Scope::All)
+            .await
+            .expect("feed")
+            .is_empty());
+        assert!(store
+            .feed(None, 10, &scope(&["p"]))
+            .await
+            .expect("feed")
+            .is_empty());
+        assert!(!committed.has_changed().expect("watch"));
+        assert!(!task.is_finished());
+
+        store.hooks.set(|s| s.hold_flush = false);
+        assert_eq!(
+            task.await.expect("join").expect("put"),
+            PutOutcome::Stored(id)
+        );
+        assert!(committed.has_changed().expect("watch"));
+        assert_eq!(*committed.borrow_and_update(), id);
+        assert!(store.record(id).await.expect("record").is_some());
+        assert_eq!(
+            store
+                .latest("w", &Scope::All)
+                .await
+                .expect("latest")
+                .map(|l| l.record.id),
+            Some(id)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_flush_fails_the_whole_group_and_the_writer_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        let committed = store.committed();
+        let before = *committed.borrow();
+        store.hooks.set(|s| {
+            s.hold_collect = true;
+            s.fail_flushes = 1;
+        });
+        let spawn_put = |i: usize| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let body = format!("<response>{i}</response>");
+                store
+                    .put(delivery("p", Some(&format!("f{i}")), body.as_bytes(), 0))
+                    .await
+            })
+        };
+        let mut tasks = vec![spawn_put(0)];
+        wait_until(|| store.hooks.at_collect()).await;
+        tasks.extend((1..3).map(spawn_put));
+        let probe = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.check_writable().await }
+        });
+        wait_until(|| queued(&store) == 3).await;
+        store.hooks.set(|s| s.hold_collect = false);
+        for task in tasks {
+            assert!(matches!(task.await.expect("join"), Err(StoreError::Io(_))));
+        }
+        assert!(matches!(probe.await.expect("join"), Err(StoreError::Io(_))));
+        assert_eq!(*committed.borrow(), before, "watermark not advanced");
+        assert!(store
+            .latest("f0", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert_eq!(store.flush_stats().failures, 1);
+
+        // The writer goes on; a retry finds the bytes applied before the failure.
+        store.check_writable().await.expect("writable again");
+        let retry = store
+            .put(delivery("p", Some("f1"), b"<response>1</response>", 0))
+            .await
+            .expect("put");
+        assert!(matches!(retry, PutOutcome::Duplicate(_)));
+        assert!(store
+            .latest("f1", &Scope::All)
+            .await
+            .expect("latest")
+            .is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn quarantine_roundtrip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let body = b"\x00\xffnot xml at all";
+        let q1 = store
+            .quarantine(quarantine_item("p", body, 10))
+            .await
+            .expect("quarantine");
+        let d = store
+            .put(delivery("p", Some("c"), b"ok", 11))
+            .await
+            .expect("put")
+            .id();
+        let q2 = store
+            .quarantine(quarantine_item("r", b"", 12))
+            .await
+            .expect("quarantine");
+        assert!(q1 < d && d < q2);
+        let items = store.quarantined(None, 10).await.expect("quarantined");
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            items[0],
+            QuarantineRecord {
+                id: q1,
+                policy: "p".to_owned(),
+                received_at_ms: 10,
+                size: body.len() as u64,
+                reason: "malformed xml".to_owned(),
+            }
+        );
+        assert_eq!(items[1].id, q2);
+        assert_eq!(items[1].size, 0);
+        let after = store.quarantined(Some(q1), 10).await.expect("quarantined");
+        assert_eq!(after.iter().map(|r| r.id).collect::<Vec<_>>(), vec![q2]);
+        assert_eq!(
+            store.quarantined(None, 1).await.expect("quarantined").len(),
+            1
+        );
+        assert_eq!(
+            &store
+                .quarantined_body(q1)
+                .await
+                .expect("body")
+                .expect("some")[..],
+            body
+        );
+        assert!(store.quarantined_body(d).await.expect("body").is_none());
+        assert!(store.record(q1).await.expect("record").is_none());
+        assert_eq!(store.quarantine_count(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purge_removes_old_items_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let mut old = Vec::new();
+        for i in 0..7 {
+            let controlid = format!("old{i}");
+            let controlid = if i == 3 {
+                None
+            } else {
+                Some(controlid.as_str())
+            };
+            old.push(
+                store
+                    .put(delivery("p", controlid, format!("o{i}").as_bytes(), -5 + i))
+                    .await
+                    .expect("put")
+                    .id(),
+            );
+        }
+        let old_q = store
+            .quarantine(quarantine_item("p", b"q", 50))
+            .await
+            .expect("q");
+        let new = store
+            .put(delivery("p", Some("new"), b"n", 100))
+            .await
+            .expect("put")
+            .id();
+        let new_q = store
+            .quarantine(quarantine_item("p", b"q", 100))
+            .await
+            .expect("q");
+
+        assert_eq!(store.purge_older_than(100, 3).await.expect("purge"), 8);
+        for id in &old {
+            assert!(store.record(*id).await.expect("record").is_none());
+            assert!(store.body(*id).await.expect("body").is_none());
+        }
+        assert!(store
+            .latest("old0", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert!(store.quarantined_body(old_q).await.expect("body").is_none());
+        let feed = store.feed(None, 10, &scope(&["p"])).await.expect("feed");
+        assert_eq!(feed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![new]);
+        let q = store.quarantined(None, 10).await.expect("quarantined");
+        assert_eq!(q.iter().map(|r| r.id).collect::<Vec<_>>(), vec![new_q]);
+        assert_eq!(store.delivery_count(), 1);
+        assert_eq!(store.quarantine_count(), 1);
+        // The purged unmatched body can be stored again as a new delivery.
+        let again = store
+            .put(delivery("p", None, b"o3", 200))
+            .await
+            .expect("put");
+        assert!(matches!(again, PutOutcome::Stored(id) if id > new_q));
+        assert_eq!(store.purge_older_than(100, 3).await.expect("purge"), 0);
+        // Only the index entries of live items remain.
+        let time_entries = store.db.scan_prefix([TIME]).count();
+        assert_eq!(time_entries, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn thousand_concurrent_4k_puts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        let before = store.flush_count();
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let mut body = format!("<response>{i}</response>").into_bytes();
+                    body.resize(4096, b' ');
+                    store
+                        .put(delivery("p", Some(&format!("c{i}")), &body, 0))
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert!(matches!(
+                task.await.expect("join").expect("put"),
+                PutOutcome::Stored(_)
+            ));
+        }
+        let elapsed = started.elapsed();
+        let flushes = store.flush_count() - before;
+        println!("1000 concurrent 4 KiB puts: {elapsed:?}, {flushes} flushes");
+        assert!(flushes <= 1000);
+        assert_eq!(store.delivery_count(), 1000);
+    }
+}
