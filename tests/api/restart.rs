@@ -1,0 +1,121 @@
+//! Durability and shutdown: concurrent callbacks survive a restart; a request in flight at
+//! shutdown completes and is stored.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::callbacks::assert_served_raw;
+use crate::helpers::{basic, headers, raw_post_head, response_doc, spawn_app, PASSWORD, USER};
+
+const CALLBACKS: usize = 200;
+const CONNECTIONS: usize = 16;
+
+fn controlid(i: usize) -> String {
+    format!("concurrent-{i:03}")
+}
+
+fn body(i: usize) -> Bytes {
+    response_doc(&controlid(i), &format!("body number {i}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callbacks_are_all_stored_and_survive_a_restart() {
+    let app = spawn_app().await;
+    let auth = Arc::new(basic(USER, PASSWORD));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..CONNECTIONS {
+        let client = app.client.clone();
+        let auth = auth.clone();
+        tasks.spawn(async move {
+            let mut conn = client.h1().await;
+            for i in (worker..CALLBACKS).step_by(CONNECTIONS) {
+                let answer = conn
+                    .request(
+                        Method::POST,
+                        "/callback/hello-world",
+                        headers(&[("authorization", &auth), ("content-type", "text/xml")]),
+                        body(i),
+                    )
+                    .await;
+                assert_eq!(
+                    answer.status,
+                    StatusCode::OK,
+                    "callback {i}: {}",
+                    answer.text()
+                );
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a posting task failed");
+    }
+    for i in 0..CALLBACKS {
+        assert_served_raw(&app, &controlid(i), &body(i)).await;
+    }
+
+    let stopped = app.stop().await;
+    let app = stopped.restart().await;
+    for i in 0..CALLBACKS {
+        assert_served_raw(&app, &controlid(i), &body(i)).await;
+    }
+    let v = crate::callbacks::summary(&app, &controlid(7)).await;
+    assert_eq!(v["deliveries"], serde_json::json!(1), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_shutdown_completes_and_is_stored() {
+    let mut app = spawn_app().await;
+    let body = response_doc("in-flight", &"slow upload ".repeat(200));
+    let (first, second) = body.split_at(body.len() / 2);
+
+    let mut raw = app.raw().await;
+    let head = raw_post_head(
+        "/callback/hello-world",
+        &basic(USER, PASSWORD),
+        &[
+            &format!("Content-Length: {}", body.len()),
+            "Expect: 100-continue",
+        ],
+    );
+    raw.write(head.as_bytes()).await;
+    // The handler asks for the body: the request is in flight.
+    assert_eq!(raw.read_response().await.status, 100);
+    raw.write(first).await;
+
+    app.trigger_shutdown();
+    // Wait until the service stops accepting (the listener is closed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpStream::connect(app.addr).await {
+            Err(_) => break,
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still accepting connections 10 s after the shutdown signal"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    assert!(
+        app.is_running(),
+        "run_until returned while a request was still in flight"
+    );
+    raw.write(second).await;
+    let answer = raw.read_response().await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+
+    let (result, stopped) = app.wait_stopped().await;
+    assert!(
+        result.is_ok(),
+        "run_until: {:?}",
+        result.err().map(|e| e.to_string())
+    );
+
+    let app = stopped.restart().await;
+    assert_served_raw(&app, "in-flight", &body).await;
+}
