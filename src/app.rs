@@ -9,7 +9,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 use crate::server;
-use crate::state::AppState;
+use crate::state::{self, AppState, Clock};
 use crate::store::{SledOptions, SledStore, Store};
 use crate::tls::{self, ReloadableCert, TlsError};
 
@@ -51,11 +51,20 @@ pub struct Application {
     store: Arc<SledStore>,
     /// The shared request state.
     state: Arc<AppState>,
+    /// Retention in days.
+    retention_days: u32,
+    /// How often retention runs.
+    purge_interval: std::time::Duration,
 }
 
 impl Application {
     /// Opens the store, loads the certificate and binds `config.listen`.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        Self::build_with_clock(config, state::system_clock()).await
+    }
+
+    /// [`build`](Self::build) with another wall clock (tests move time forward with it).
+    pub async fn build_with_clock(config: Config, clock: Clock) -> Result<Self, AppError> {
         let key = tls::load_certified_key(&config.tls.cert, &config.tls.key)?;
         let cert = Arc::new(ReloadableCert::new(key));
         let acceptor = TlsAcceptor::from(tls::server_config(cert.clone())?);
@@ -90,6 +99,7 @@ impl Application {
             &config.access,
             config.max_body_bytes,
             config.limits.clone(),
+            clock,
         ));
         Ok(Self {
             listener,
@@ -98,6 +108,8 @@ impl Application {
             cert,
             store,
             state,
+            retention_days: config.retention_days,
+            purge_interval: config.purge_interval,
         })
     }
 
@@ -119,7 +131,13 @@ impl Application {
     /// Serves until `shutdown` completes, drains in-flight requests, then flushes and closes
     /// the store.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+        let retention = tokio::spawn(crate::retention::run(
+            self.state.clone(),
+            self.retention_days,
+            self.purge_interval,
+        ));
         server::run(self.listener, self.acceptor, self.state.clone(), shutdown).await;
+        retention.abort();
         self.store.close().await.map_err(|source| AppError::Store {
             path: "store".into(),
             source,

@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config`, `hash-password`.
+//! The command line: `serve`, `check-config`, `hash-password`, `wait`.
 //!
 //! This is the edge of the program: errors become one line on stderr and an exit code
 //! (2 for usage and configuration errors, 1 for failures at run time).
@@ -6,6 +6,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -43,6 +44,49 @@ pub enum Command {
     },
     /// Read a secret on stdin and print its argon2id hash for `password_hash` / `token_hash`.
     HashPassword,
+    /// Wait for the response to CONTROLID and print it (raw XML, or the JSON summary).
+    ///
+    /// Long-polls GET {BASE_URL}/v1/responses/{CONTROLID}?wait=S with the poller's bearer token,
+    /// reconnecting after connection errors and server errors, until the response is there or
+    /// --timeout has passed. Only the response body is written to stdout, byte for byte; errors
+    /// are one line on stderr. For shell scripts and cron jobs.
+    #[command(after_help = WAIT_AFTER_HELP)]
+    Wait(WaitArgs),
+}
+
+/// The exit codes of `wait`, shown under its `--help`.
+const WAIT_AFTER_HELP: &str = "\
+Exit status:
+  0  the response was received and written to stdout
+  1  --timeout passed before it arrived (or the service failed in a way that did not heal)
+  2  usage error, TLS certificate refused, or authentication failed (bad token)";
+
+/// The arguments of `wait`.
+#[derive(Debug, clap::Args)]
+pub struct WaitArgs {
+    /// The control-level controlid to wait for.
+    #[arg(value_name = "CONTROLID")]
+    pub controlid: String,
+    /// The service's base URL: https://host[:port][/prefix].
+    #[arg(long, value_name = "BASE_URL")]
+    pub url: String,
+    /// A file holding the poller's bearer token (surrounding white space is ignored).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// PEM file of the CA certificate(s) to trust instead of the system's root certificates.
+    #[arg(long, value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
+    /// Seconds to wait in all; 0 asks once without waiting.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = WAIT_DEFAULT_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(0..=WAIT_MAX_TIMEOUT_SECS)
+    )]
+    pub timeout: u64,
+    /// Print the JSON summary instead of the raw XML.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parses the arguments and runs the command.
@@ -74,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Serve { config } => serve(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
+        Command::Wait(args) => wait(args),
     }
 }
 
@@ -216,4 +261,372 @@ Fetch it as an integrator (raw XML, then the JSON summary):
 "#
     );
     let _ = std::io::stdout().flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// `wait`: long-poll one response.
+
+/// The default of `wait --timeout`: ten minutes, long enough for a slow gateway, short enough
+/// for a cron job to notice that no callback came.
+pub const WAIT_DEFAULT_TIMEOUT_SECS: u64 = 600;
+
+/// The largest `wait --timeout` accepted: one year.
+pub const WAIT_MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
+/// The longest `wait=` asked in one request (the server's default `max_wait_seconds`); the
+/// server may cap it lower, and the command asks again.
+const WAIT_PER_REQUEST_SECS: u64 = 60;
+
+/// Time allowed for an answer beyond the `wait=` asked.
+const WAIT_ANSWER_SLACK: Duration = Duration::from_secs(15);
+
+/// The least time between two requests that found nothing, so that a server that ignores
+/// `wait=` and answers at once is not asked in a tight loop.
+const WAIT_MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The first pause after a connection error or a server error; it doubles up to
+/// [`WAIT_BACKOFF_MAX`].
+const WAIT_BACKOFF_START: Duration = Duration::from_millis(100);
+
+/// The longest pause between two attempts after errors.
+const WAIT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Characters left as they are in the controlid path segment: ALPHA / DIGIT / `-` `.` `_` `~`.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes a controlid as one path segment (`.` and `..` too, which would otherwise be
+/// dot-segments).
+fn encode_controlid(controlid: &str) -> String {
+    match controlid {
+        "." => "%2E".into(),
+        ".." => "%2E%2E".into(),
+        _ => percent_encoding::utf8_percent_encode(controlid, PATH_SEGMENT).to_string(),
+    }
+}
+
+/// Why `wait` stopped without a response.
+#[derive(Debug)]
+enum WaitFailure {
+    /// Exit 1: the time is up, or the service failed in a way a retry cannot heal.
+    Failed(String),
+    /// Exit 2: usage, TLS certificate or authentication.
+    Refused(String),
+}
+
+/// What to do with one answer.
+#[derive(Debug, PartialEq, Eq)]
+enum WaitStep {
+    /// The response: print it.
+    Done,
+    /// Not there yet (404, or 202 pending): ask again, at most once a second.
+    NotYet(String),
+    /// Busy (503 or 429 with `Retry-After`): ask again after that long.
+    RetryAfter(Duration, String),
+    /// A server error: ask again after the back-off pause.
+    Retry(String),
+    /// Refused for good: exit 2.
+    Refused(String),
+}
+
+/// The decision for one answer of `GET /v1/responses/{controlid}`.
+fn wait_step(status: http::StatusCode, headers: &http::HeaderMap, body: &[u8]) -> WaitStep {
+    use http::StatusCode;
+    match status {
+        StatusCode::OK => WaitStep::Done,
+        StatusCode::ACCEPTED => WaitStep::NotYet("expected, not received yet (202 pending)".into()),
+        StatusCode::NOT_FOUND => WaitStep::NotYet("not received yet (404)".into()),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => WaitStep::Refused(format!(
+            "authentication failed ({}): check the token in --token-file",
+            status.as_u16()
+        )),
+        StatusCode::BAD_REQUEST => WaitStep::Refused(format!(
+            "the service refused the request (400): {}",
+            server_reason(body)
+        )),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+            let what = format!("service unavailable ({})", status.as_u16());
+            match retry_after(headers) {
+                Some(pause) => WaitStep::RetryAfter(pause, what),
+                None => WaitStep::Retry(what),
+            }
+        }
+        s if s.is_server_error() => WaitStep::Retry(format!("server error ({})", s.as_u16())),
+        other => WaitStep::Refused(format!(
+            "unexpected answer {} from the service; check --url",
+            other.as_u16()
+        )),
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not used by the service), at least 100 ms.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).max(WAIT_BACKOFF_START))
+}
+
+/// The service's one-line reason: `{"error": ...}` or the first line of a text body, cleaned
+/// of control characters and shortened.
+fn server_reason(body: &[u8]) -> String {
+    let text = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| {
+            String::from_utf8_lossy(body)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        });
+    let clean: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    if clean.is_empty() {
+        "no reason given".into()
+    } else {
+        clean
+    }
+}
+
+/// Reads the bearer token: the file's text without surrounding white space, as a sensitive
+/// `Authorization` value. The token never appears in an error.
+fn read_token(path: &Path) -> Result<http::HeaderValue, String> {
+    let at = || format!("--token-file {}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {}", at(), lower_first(&e)))?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", at()))?;
+    let token = auth::SecretString::from(text.trim().to_string());
+    if token.expose().is_empty() {
+        return Err(format!("{}: the file is empty", at()));
+    }
+    let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| format!("{}: the token has characters not allowed in a header", at()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn lower_first(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+fn wait(args: WaitArgs) -> ExitCode {
+    if args.controlid.is_empty() {
+        return fail(EXIT_USAGE, "the controlid is empty");
+    }
+    let url = match crate::client::BaseUrl::parse(&args.url) {
+        Ok(url) => url,
+        Err(e) => return fail(EXIT_USAGE, format!("--url: {e}")),
+    };
+    let token = match read_token(&args.token_file) {
+        Ok(token) => token,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let client = match crate::client::Client::new(args.cacert.as_deref()) {
+        Ok(client) => client,
+        Err(e) if args.cacert.is_some() => return fail(EXIT_USAGE, format!("--cacert: {e}")),
+        Err(e) => return fail(EXIT_USAGE, format!("{e} (--cacert)")),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("starting the runtime: {e}")),
+    };
+    let outcome = runtime.block_on(long_poll(&client, &url, &args, token));
+    drop(runtime);
+    match outcome {
+        Ok(body) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(&body).and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, format!("writing stdout: {}", lower_first(&e))),
+            }
+        }
+        Err(WaitFailure::Failed(message)) => fail(1, message),
+        Err(WaitFailure::Refused(message)) => fail(EXIT_USAGE, message),
+    }
+}
+
+/// Asks for the response until it is there, a refusal comes, or the time is up.
+async fn long_poll(
+    client: &crate::client::Client,
+    url: &crate::client::BaseUrl,
+    args: &WaitArgs,
+    token: http::HeaderValue,
+) -> Result<bytes::Bytes, WaitFailure> {
+    use crate::client::ClientError;
+    use std::time::Instant;
+
+    let accept = if args.json {
+        "application/json"
+    } else {
+        "application/xml"
+    };
+    let headers = [
+        (http::header::AUTHORIZATION, token),
+        (http::header::ACCEPT, http::HeaderValue::from_static(accept)),
+    ];
+    let path = format!("/v1/responses/{}", encode_controlid(&args.controlid));
+    let once = args.timeout == 0;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let mut backoff = WAIT_BACKOFF_START;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let (target, attempt) = if once {
+            (path.clone(), client.clone())
+        } else {
+            let wait = remaining.as_secs().min(WAIT_PER_REQUEST_SECS);
+            let attempt = client
+                .clone()
+                .with_connect_timeout(
+                    crate::client::DEFAULT_CONNECT_TIMEOUT
+                        .min(remaining.max(WAIT_MIN_POLL_INTERVAL)),
+                )
+                .with_request_timeout(Duration::from_secs(wait) + WAIT_ANSWER_SLACK);
+            (format!("{path}?wait={wait}"), attempt)
+        };
+        let sent = Instant::now();
+        let (pause, last) = match attempt.get(url, &target, &headers).await {
+            Ok(answer) => match wait_step(answer.status, &answer.headers, &answer.body) {
+                WaitStep::Done => return Ok(answer.body),
+                WaitStep::NotYet(what) => {
+                    backoff = WAIT_BACKOFF_START;
+                    (WAIT_MIN_POLL_INTERVAL.saturating_sub(sent.elapsed()), what)
+                }
+                WaitStep::RetryAfter(pause, what) => (pause, what),
+                WaitStep::Retry(what) => (next_backoff(&mut backoff), what),
+                WaitStep::Refused(what) => return Err(WaitFailure::Refused(what)),
+            },
+            Err(e) if e.is_retryable() => (next_backoff(&mut backoff), e.to_string()),
+            Err(e @ (ClientError::Tls(_) | ClientError::Usage(_))) => {
+                return Err(WaitFailure::Refused(e.to_string()))
+            }
+            Err(e) => return Err(WaitFailure::Failed(e.to_string())),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if once {
+            return Err(WaitFailure::Failed(format!(
+                "controlid {:?}: {last}",
+                args.controlid
+            )));
+        }
+        if remaining.is_zero() {
+            return Err(WaitFailure::Failed(format!(
+                "timed out after {} s waiting for controlid {:?}: {last}",
+                args.timeout, args.controlid
+            )));
+        }
+        tokio::time::sleep(pause.min(remaining)).await;
+    }
+}
+
+/// The pause after an error: the current back-off, which then doubles up to its maximum.
+fn next_backoff(backoff: &mut Duration) -> Duration {
+    let pause = *backoff;
+    *backoff = (*backoff * 2).min(WAIT_BACKOFF_MAX);
+    pause
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
+    fn step(status: u16, retry_after: Option<&str>, body: &str) -> WaitStep {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = retry_after {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from_str(value).expect("header"),
+            );
+        }
+        let status = StatusCode::from_u16(status).expect("status");
+        wait_step(status, &headers, body.as_bytes())
+    }
+
+    #[test]
+    fn each_status_has_its_action() {
+        assert_eq!(step(200, None, ""), WaitStep::Done);
+        assert!(matches!(step(202, None, ""), WaitStep::NotYet(_)));
+        assert!(matches!(step(404, None, ""), WaitStep::NotYet(_)));
+        assert!(
+            matches!(step(401, None, ""), WaitStep::Refused(m) if m.contains("authentication"))
+        );
+        assert!(matches!(
+            step(400, None, "{\"error\":\"wait must be a number\"}"),
+            WaitStep::Refused(m) if m.contains("wait must be a number")
+        ));
+        assert_eq!(
+            step(503, Some("7"), ""),
+            WaitStep::RetryAfter(Duration::from_secs(7), "service unavailable (503)".into())
+        );
+        assert!(matches!(
+            step(503, Some("0"), ""),
+            WaitStep::RetryAfter(d, _) if d == WAIT_BACKOFF_START
+        ));
+        assert!(matches!(step(503, None, ""), WaitStep::Retry(_)));
+        assert!(matches!(
+            step(503, Some("Wed, 21 Oct 2015 07:28:00 GMT"), ""),
+            WaitStep::Retry(_)
+        ));
+        assert!(matches!(
+            step(429, Some("2"), ""),
+            WaitStep::RetryAfter(_, _)
+        ));
+        assert!(matches!(step(500, None, ""), WaitStep::Retry(_)));
+        assert!(matches!(step(502, None, ""), WaitStep::Retry(_)));
+        assert!(matches!(step(301, None, ""), WaitStep::Refused(m) if m.contains("--url")));
+        assert!(matches!(step(405, None, ""), WaitStep::Refused(_)));
+    }
+
+    #[test]
+    fn server_reasons_are_one_clean_line() {
+        assert_eq!(server_reason(b"{\"error\":\"bad\\nthing\"}"), "bad thing");
+        assert_eq!(server_reason(b"first line\nsecond"), "first line");
+        assert_eq!(server_reason(b""), "no reason given");
+        assert_eq!(server_reason("x".repeat(500).as_bytes()).len(), 200);
+    }
+
+    #[test]
+    fn controlids_are_encoded_as_one_path_segment() {
+        assert_eq!(encode_controlid("abc-1.2_3~"), "abc-1.2_3~");
+        assert_eq!(encode_controlid("a/b?c#d%e f"), "a%2Fb%3Fc%23d%25e%20f");
+        assert_eq!(encode_controlid("é+"), "%C3%A9%2B");
+        assert_eq!(encode_controlid("."), "%2E");
+        assert_eq!(encode_controlid(".."), "%2E%2E");
+        assert_eq!(encode_controlid("..."), "...");
+    }
+
+    #[test]
+    fn the_token_file_is_trimmed_and_never_echoed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  secret-token-123 \n").expect("write");
+        let value = read_token(&path).expect("token");
+        assert_eq!(value.to_str().expect("ascii"), "Bearer secret-token-123");
+        assert!(value.is_sensitive());
+        std::fs::write(&path, " \n\t").expect("write");
+        assert!(read_token(&path).is_err_and(|e| e.contains("empty")));
+        std::fs::write(&path, "secret\u{7f}token").expect("write");
+        assert!(read_token(&path).is_err_and(|e| !e.contains("secret")));
+        let missing = dir.path().join("missing");
+        assert!(read_token(&missing).is_err_and(|e| e.contains("missing")));
+    }
 }

@@ -34,6 +34,8 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Deliveries older than this are purged.
     pub retention_days: u32,
+    /// How often the retention purge runs.
+    pub purge_interval: Duration,
     /// Certificate and key files.
     pub tls: TlsFiles,
     /// Limits on what clients control.
@@ -193,6 +195,7 @@ mod raw {
         pub data_dir: Spanned<String>,
         pub max_body_bytes: Option<Spanned<i64>>,
         pub retention_days: Option<Spanned<i64>>,
+        pub purge_interval_seconds: Option<Spanned<i64>>,
         pub header_timeout_seconds: Option<Spanned<i64>>,
         pub handshake_timeout_seconds: Option<Spanned<i64>>,
         pub body_read_timeout_seconds: Option<Spanned<i64>>,
@@ -405,6 +408,12 @@ impl Config {
         )?;
         let retention_days =
             ctx.positive(&file.retention_days, "retention_days", 30, 36_500)? as u32;
+        let purge_interval = Duration::from_secs(ctx.positive(
+            &file.purge_interval_seconds,
+            "purge_interval_seconds",
+            3600,
+            86_400,
+        )?);
 
         let access = validate_access(&ctx, &file.policy, &file.poller)?;
 
@@ -413,6 +422,7 @@ impl Config {
             data_dir: resolve(file.data_dir.get_ref()),
             max_body_bytes,
             retention_days,
+            purge_interval,
             tls: TlsFiles {
                 cert: resolve(&file.tls.cert),
                 key: resolve(&file.tls.key),
@@ -566,14 +576,15 @@ fn validate_access(
                 if tok.chars().count() < MIN_TOKEN_CHARS {
                     return Err(ctx.at(t, &key("token"), "shorter than 16 characters"));
                 }
-                if !tok
+                let body = tok.trim_end_matches('=');
+                if !body
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
                 {
                     return Err(ctx.at(
                         t,
                         &key("token"),
-                        "may hold only A-Z a-z 0-9 - . _ ~ + / = (a bearer token68)",
+                        "may hold only A-Z a-z 0-9 - . _ ~ + / and trailing = (a bearer token68)",
                     ));
                 }
                 Credential::Plain(SecretString::from(tok.clone()))
@@ -665,6 +676,7 @@ pub fn dev_profile(root: &Path) -> Result<(Config, DevSecrets), ConfigError> {
         data_dir,
         max_body_bytes: 64 * 1024 * 1024,
         retention_days: 30,
+        purge_interval: Duration::from_secs(3600),
         tls: TlsFiles {
             cert: cert_paths.cert.clone(),
             key: cert_paths.key.clone(),

@@ -6,13 +6,15 @@
 //! answers `200`. Integrators fetch results on `/v1/responses/{controlid}` with a bearer token.
 //!
 //! Modules:
-//! - [`cli`]: the commands (`serve`, `check-config`, `hash-password`);
+//! - [`cli`]: the commands (`serve`, `check-config`, `hash-password`, `wait`);
+//! - [`client`]: a small HTTPS client (one request per connection) for `wait` and the tests;
 //! - [`config`]: the typed TOML configuration and the dev profile;
 //! - [`app`]: wiring of store, TLS and listener; [`server`]: the accept loop;
 //! - [`routes`]: dispatch and handlers; [`summary`]: the JSON summary shape;
 //! - [`auth`]: Basic and Bearer parsing, constant-time checks, the verified-credential cache;
 //! - [`xml`]: the streaming extractor (no I/O); [`store`]: durable storage (only it knows sled);
 //! - [`tls`]: certificates and the rustls configuration; [`state`]: what handlers share;
+//! - [`waiters`]: long-poll registry; [`retention`]: the purge task;
 //! - [`telemetry`]: logging set-up.
 
 #![forbid(unsafe_code)]
@@ -20,7 +22,9 @@
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod retention;
 pub mod routes;
 pub mod server;
 pub mod state;
@@ -28,4 +32,5 @@ pub mod store;
 pub mod summary;
 pub mod telemetry;
 pub mod tls;
+pub mod waiters;
 pub mod xml;

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
@@ -19,7 +19,9 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::state::{AppState, AuthenticatedPoller};
-use crate::store::{NewDelivery, NewQuarantine, PutOutcome, StoreError};
+use crate::store::{
+    DeliveryId, ExpectOutcome, Expectation, NewDelivery, NewQuarantine, PutOutcome, StoreError,
+};
 use crate::summary::Summary;
 use crate::xml;
 
@@ -28,6 +30,18 @@ const INLINE_PARSE_BYTES: usize = 256 * 1024;
 
 /// The realm of every `WWW-Authenticate` challenge.
 const REALM: &str = "callback-receiver";
+
+/// Feed items per page unless `limit` says otherwise.
+const DEFAULT_FEED_LIMIT: usize = 100;
+
+/// Most feed items per page.
+const MAX_FEED_LIMIT: usize = 1000;
+
+/// Expectation timeout unless the `PUT` body says otherwise.
+const DEFAULT_EXPECT_TIMEOUT_SECONDS: u64 = 3600;
+
+/// Longest expectation timeout (30 days).
+const MAX_EXPECT_TIMEOUT_SECONDS: u64 = 30 * 86_400;
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -152,10 +166,14 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> HttpRespo
     response
 }
 
-/// The routes, as parsed from a path.
+/// The routes, as parsed from a path (segments still percent-encoded).
 enum Route<'a> {
     Callback(&'a str),
+    Feed,
     Response(&'a str),
+    Delivery(&'a str),
+    Expected,
+    Expectation(&'a str),
     Healthz,
     Unknown,
 }
@@ -168,14 +186,21 @@ fn route(path: &str) -> Route<'_> {
         }
         return Route::Unknown;
     }
-    if let Some(rest) = path.strip_prefix("/v1/responses/") {
-        if !rest.is_empty() {
-            return Route::Response(rest);
-        }
-        return Route::Unknown;
+    let tail = |prefix: &str| path.strip_prefix(prefix).filter(|rest| !rest.is_empty());
+    match path {
+        "/healthz" => return Route::Healthz,
+        "/v1/responses" | "/v1/responses/" => return Route::Feed,
+        "/v1/expected" | "/v1/expected/" => return Route::Expected,
+        _ => {}
     }
-    if path == "/healthz" {
-        return Route::Healthz;
+    if let Some(rest) = tail("/v1/responses/") {
+        return Route::Response(rest);
+    }
+    if let Some(rest) = tail("/v1/deliveries/") {
+        return Route::Delivery(rest);
+    }
+    if let Some(rest) = tail("/v1/expected/") {
+        return Route::Expectation(rest);
     }
     Route::Unknown
 }
@@ -210,40 +235,37 @@ pub async fn handle(
 
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
     let path = req.uri().path().to_string();
-    match route(&path) {
-        Route::Callback(policy) => {
-            if req.method() != Method::POST {
-                return ApiError::MethodNotAllowed { allow: "POST" }.into_response(false);
-            }
-            match callback(&state, policy, req).await {
-                Ok(response) => response,
-                Err(e) => e.into_response(false),
-            }
+    let method = req.method().clone();
+    let is_get = method == Method::GET || method == Method::HEAD;
+    let api = path.starts_with("/v1/");
+    let result = match route(&path) {
+        Route::Callback(policy) if method == Method::POST => callback(&state, policy, req).await,
+        Route::Callback(_) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
+        Route::Feed if is_get => feed(&state, &req).await,
+        Route::Feed => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        Route::Response(raw) if is_get => get_response(&state, raw, &req).await,
+        Route::Response(raw) if method == Method::DELETE => {
+            delete_response(&state, raw, &req).await
         }
-        Route::Response(raw_id) => {
-            if req.method() != Method::GET && req.method() != Method::HEAD {
-                return ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into_response(true);
-            }
-            match get_response(&state, raw_id, &req).await {
-                Ok(response) => response,
-                Err(e) => e.into_response(true),
-            }
+        Route::Response(_) => Err(ApiError::MethodNotAllowed {
+            allow: "GET, HEAD, DELETE",
+        }),
+        Route::Delivery(raw) if is_get => get_delivery(&state, raw, &req).await,
+        Route::Delivery(_) => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        Route::Expected if is_get => list_expected(&state, &req).await,
+        Route::Expected => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        Route::Expectation(raw) if method == Method::PUT => put_expected(&state, raw, req).await,
+        Route::Expectation(raw) if method == Method::DELETE => {
+            delete_expected(&state, raw, &req).await
         }
-        Route::Healthz => {
-            if req.method() != Method::GET && req.method() != Method::HEAD {
-                return ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into_response(false);
-            }
-            plain(StatusCode::OK, "ok")
-        }
-        Route::Unknown => ApiError::NotFound.into_response(path.starts_with("/v1/")),
-    }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+        Route::Expectation(_) => Err(ApiError::MethodNotAllowed {
+            allow: "PUT, DELETE",
+        }),
+        Route::Healthz if is_get => Ok(plain(StatusCode::OK, "ok")),
+        Route::Healthz => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        Route::Unknown => Err(ApiError::NotFound),
+    };
+    result.unwrap_or_else(|e| e.into_response(api))
 }
 
 fn percent_decode(raw: &str, what: &str) -> Result<String, ApiError> {
@@ -259,7 +281,12 @@ async fn callback(
     raw_policy: &str,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let policy_id = percent_decode(raw_policy, "policy id")?;
+    // A policy id that does not decode cannot name a policy: same answer as an unknown one.
+    let policy_id =
+        percent_decode(raw_policy, "policy id").map_err(|_| ApiError::Unauthorized {
+            scheme: "Basic",
+            reason: "unknown policy or wrong credentials".into(),
+        })?;
     check_basic(state, &policy_id, req.headers()).await?;
 
     let limit = state.max_body_bytes;
@@ -278,7 +305,7 @@ async fn callback(
         state.limits.body_read_timeout,
     )
     .await?;
-    let received_at_ms = now_ms();
+    let received_at_ms = state.now_ms();
 
     let parsed = if body.len() > INLINE_PARSE_BYTES {
         let b = body.clone();
@@ -316,6 +343,9 @@ async fn callback(
                     extracted,
                 })
                 .await?;
+            if let Some(cid) = &controlid {
+                state.waiters.notify(cid);
+            }
             let (id, duplicate) = match outcome {
                 PutOutcome::Stored(id) => (id, false),
                 PutOutcome::Duplicate(id) => (id, true),
@@ -457,7 +487,78 @@ fn wants_json(headers: &http::HeaderMap) -> bool {
         })
 }
 
-/// `GET /v1/responses/{controlid}`: the newest delivery, raw or as a JSON summary.
+/// The query parameters of a request, percent-decoded; later duplicates win.
+fn query_params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, ApiError> {
+    let Some(query) = req.uri().query() else {
+        return Ok(Vec::new());
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = v.replace('+', " ");
+            Ok((percent_decode(k, "query")?, percent_decode(&v, "query")?))
+        })
+        .collect()
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `wait=S` (seconds, fractions allowed), capped by `max_wait_seconds`; `None` for no wait.
+fn wait_param(state: &AppState, params: &[(String, String)]) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = param(params, "wait") else {
+        return Ok(None);
+    };
+    let secs: f64 = raw
+        .trim()
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("wait must be a number of seconds, not {raw:?}"))
+        })?;
+    if secs == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        Duration::from_secs_f64(secs).min(state.limits.max_wait),
+    ))
+}
+
+/// Why a wait ended without what was waited for.
+enum WaitEnd {
+    /// Something changed: look again.
+    Woken,
+    /// The wait time is over (or the server is stopping): answer with what there is.
+    Over,
+}
+
+/// Waits for `woken`, the deadline, or shutdown, whichever comes first.
+async fn wait_for(
+    state: &AppState,
+    woken: impl std::future::Future<Output = ()>,
+    deadline: tokio::time::Instant,
+) -> WaitEnd {
+    tokio::select! {
+        () = woken => WaitEnd::Woken,
+        () = tokio::time::sleep_until(deadline) => WaitEnd::Over,
+        () = state.stopping() => WaitEnd::Over,
+    }
+}
+
+fn busy() -> ApiError {
+    ApiError::Unavailable("too many requests are waiting; retry shortly".into())
+}
+
+/// `GET /v1/responses/{controlid}[?wait=S]`: the newest delivery, raw or as a JSON summary;
+/// `202` while an expectation is pending, `404` when nothing is known.
 async fn get_response(
     state: &AppState,
     raw_id: &str,
@@ -465,12 +566,67 @@ async fn get_response(
 ) -> Result<HttpResponse, ApiError> {
     let poller = check_bearer(state, req.headers()).await?;
     let controlid = percent_decode(raw_id, "controlid")?;
-    let latest = state
-        .store
-        .latest(&controlid, &poller.scope)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    let record = latest.record;
+    let wait = wait_param(state, &query_params(req)?)?;
+    let _slot = match wait {
+        Some(_) => Some(state.waiters.slot().ok_or_else(busy)?),
+        None => None,
+    };
+    let interest = wait.map(|_| state.waiters.interest(&controlid));
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
+    let mut over = wait.is_none();
+    loop {
+        // Listen before looking, so a commit between the look and the wait is not missed.
+        let notified = interest.as_ref().map(|i| i.notify().notified());
+        let mut notified = std::pin::pin!(notified);
+        if let Some(n) = notified.as_mut().as_pin_mut() {
+            n.enable();
+        }
+        if let Some(latest) = state.store.latest(&controlid, &poller.scope).await? {
+            return delivery_response(state, &latest.record, latest.deliveries, req).await;
+        }
+        if over {
+            break;
+        }
+        let woken = async {
+            if let Some(n) = notified.as_mut().as_pin_mut() {
+                n.await;
+            }
+        };
+        if let WaitEnd::Over = wait_for(state, woken, deadline).await {
+            over = true;
+        }
+    }
+    match state.store.expectation(&controlid, &poller.name).await? {
+        Some(expectation) => Ok(json_response(
+            StatusCode::ACCEPTED,
+            &pending_json(state, &expectation),
+        )),
+        None => Err(ApiError::NotFound),
+    }
+}
+
+/// The `202` body of an expectation still waiting for its callback.
+fn pending_json(state: &AppState, e: &crate::store::Expectation) -> serde_json::Value {
+    let timeout_ms = i64::try_from(e.timeout_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let deadline = e.since_ms.saturating_add(timeout_ms);
+    serde_json::json!({
+        "controlid": e.controlid,
+        "state": "pending",
+        "expected_since": crate::summary::rfc3339_millis(e.since_ms),
+        "timeout_seconds": e.timeout_seconds,
+        "deadline": crate::summary::rfc3339_millis(deadline),
+        "overdue": state.now_ms() > deadline,
+    })
+}
+
+/// Answers with one delivery: raw bytes (with `ETag`, `If-None-Match` honoured) or, on
+/// `Accept: application/json`, its summary.
+async fn delivery_response(
+    state: &AppState,
+    record: &crate::store::DeliveryRecord,
+    deliveries: u32,
+    req: &Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     let etag = format!("\"{}\"", hex::encode(record.sha256));
     let json = wants_json(req.headers());
     if !json {
@@ -489,7 +645,7 @@ async fn get_response(
         }
     }
     let mut response = if json {
-        json_response(StatusCode::OK, &Summary::new(&record, latest.deliveries))
+        json_response(StatusCode::OK, &Summary::new(record, deliveries))
     } else {
         let body = state
             .store
@@ -504,8 +660,10 @@ async fn get_response(
         r
     };
     let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, v);
+    if !json {
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            headers.insert(header::ETAG, v);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&record.id.to_string()) {
         headers.insert("x-delivery-id", v);
@@ -513,4 +671,244 @@ async fn get_response(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::VARY, HeaderValue::from_static("accept"));
     Ok(response)
+}
+
+/// How many deliveries the controlid of `record` has within `scope` (1 when unmatched).
+async fn deliveries_of(
+    state: &AppState,
+    record: &crate::store::DeliveryRecord,
+    scope: &crate::store::Scope,
+) -> Result<u32, ApiError> {
+    match &record.extracted.controlid {
+        None => Ok(1),
+        Some(cid) => Ok(state
+            .store
+            .latest(cid, scope)
+            .await?
+            .map_or(1, |l| l.deliveries)),
+    }
+}
+
+/// `GET /v1/responses?after=CURSOR&limit=N&wait=S`: deliveries in arrival order.
+async fn feed(state: &AppState, req: &Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let poller = check_bearer(state, req.headers()).await?;
+    let params = query_params(req)?;
+    let after = match param(&params, "after").filter(|a| !a.is_empty()) {
+        None => None,
+        Some(raw) => Some(
+            DeliveryId::parse(raw)
+                .ok_or_else(|| ApiError::BadRequest(format!("after is not a cursor: {raw:?}")))?,
+        ),
+    };
+    let limit = match param(&params, "limit") {
+        None => DEFAULT_FEED_LIMIT,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("limit must be 1 to {MAX_FEED_LIMIT}, not {raw:?}"))
+            })?
+            .min(MAX_FEED_LIMIT),
+    };
+    let wait = wait_param(state, &params)?;
+    let _slot = match wait {
+        Some(_) => Some(state.waiters.slot().ok_or_else(busy)?),
+        None => None,
+    };
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
+    let mut committed = state.store.committed();
+    let mut over = wait.is_none();
+    let records = loop {
+        committed.borrow_and_update();
+        let records = state.store.feed(after, limit, &poller.scope).await?;
+        if !records.is_empty() || over {
+            break records;
+        }
+        let woken = async {
+            if committed.changed().await.is_err() {
+                // The store is closing: nothing more will come.
+                std::future::pending::<()>().await;
+            }
+        };
+        if let WaitEnd::Over = wait_for(state, woken, deadline).await {
+            over = true;
+        }
+    };
+    let mut items = Vec::with_capacity(records.len());
+    for record in &records {
+        let deliveries = deliveries_of(state, record, &poller.scope).await?;
+        items.push(
+            serde_json::to_value(Summary::new(record, deliveries))
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+        );
+    }
+    let next = records
+        .last()
+        .map(|r| r.id)
+        .or(after)
+        .unwrap_or(DeliveryId(0));
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "items": items, "next": next.to_string() }),
+    ))
+}
+
+/// `GET /v1/deliveries/{delivery_id}`: one delivery, raw or as its summary.
+async fn get_delivery(
+    state: &AppState,
+    raw_id: &str,
+    req: &Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let poller = check_bearer(state, req.headers()).await?;
+    let id = DeliveryId::parse(raw_id).ok_or(ApiError::NotFound)?;
+    let record = state
+        .store
+        .record(id)
+        .await?
+        .filter(|r| poller.scope.allows(&r.policy))
+        .ok_or(ApiError::NotFound)?;
+    let deliveries = deliveries_of(state, &record, &poller.scope).await?;
+    delivery_response(state, &record, deliveries, req).await
+}
+
+/// `DELETE /v1/responses/{controlid}`: the integrator's acknowledgement.
+async fn delete_response(
+    state: &AppState,
+    raw_id: &str,
+    req: &Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let poller = check_bearer(state, req.headers()).await?;
+    let controlid = percent_decode(raw_id, "controlid")?;
+    let removed = state
+        .store
+        .delete_controlid(&controlid, &poller.scope)
+        .await?;
+    let forgotten = state
+        .store
+        .forget_expectation(&controlid, &poller.name)
+        .await?;
+    if removed == 0 && forgotten == 0 {
+        return Err(ApiError::NotFound);
+    }
+    tracing::info!(poller = %poller.name, controlid = %controlid, removed, "response acknowledged and deleted");
+    Ok(no_content())
+}
+
+fn no_content() -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// The optional body of `PUT /v1/expected/{controlid}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectBody {
+    /// After how long without a callback the expectation counts as overdue.
+    timeout_seconds: Option<u64>,
+}
+
+/// `PUT /v1/expected/{controlid}`: records that the integrator awaits this controlid.
+async fn put_expected(
+    state: &AppState,
+    raw_id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let poller = check_bearer(state, req.headers()).await?;
+    let controlid = percent_decode(raw_id, "controlid")?;
+    if controlid.len() > xml::MAX_CONTROLID_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "controlid is longer than {} bytes",
+            xml::MAX_CONTROLID_BYTES
+        )));
+    }
+    let body = read_body(req.into_body(), 4096, None, state.limits.body_read_timeout).await?;
+    let parsed: ExpectBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ExpectBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!("body is not {{\"timeout_seconds\": N}}: {e}"))
+        })?
+    };
+    let timeout_seconds = parsed
+        .timeout_seconds
+        .unwrap_or(DEFAULT_EXPECT_TIMEOUT_SECONDS);
+    if !(1..=MAX_EXPECT_TIMEOUT_SECONDS).contains(&timeout_seconds) {
+        return Err(ApiError::BadRequest(format!(
+            "timeout_seconds must be 1 to {MAX_EXPECT_TIMEOUT_SECONDS}"
+        )));
+    }
+    if let Some(latest) = state.store.latest(&controlid, &poller.scope).await? {
+        return Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "controlid": controlid,
+                "state": "received",
+                "delivery_id": latest.record.id.to_string(),
+            }),
+        ));
+    }
+    let outcome = state
+        .store
+        .expect(Expectation {
+            controlid,
+            poller: poller.name.clone(),
+            since_ms: state.now_ms(),
+            timeout_seconds,
+        })
+        .await?;
+    let (status, expectation) = match outcome {
+        ExpectOutcome::Created(e) => (StatusCode::CREATED, e),
+        ExpectOutcome::Existed(e) => (StatusCode::OK, e),
+    };
+    Ok(json_response(status, &pending_json(state, &expectation)))
+}
+
+/// `DELETE /v1/expected/{controlid}`: stops awaiting a controlid.
+async fn delete_expected(
+    state: &AppState,
+    raw_id: &str,
+    req: &Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let poller = check_bearer(state, req.headers()).await?;
+    let controlid = percent_decode(raw_id, "controlid")?;
+    match state
+        .store
+        .forget_expectation(&controlid, &poller.name)
+        .await?
+    {
+        0 => Err(ApiError::NotFound),
+        _ => Ok(no_content()),
+    }
+}
+
+/// `GET /v1/expected[?overdue=true]`: the poller's unanswered expectations.
+async fn list_expected(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let poller = check_bearer(state, req.headers()).await?;
+    let params = query_params(req)?;
+    let overdue_only = match param(&params, "overdue") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "overdue must be true or false, not {other:?}"
+            )))
+        }
+    };
+    let items: Vec<serde_json::Value> = state
+        .store
+        .expectations(&poller.name)
+        .await?
+        .iter()
+        .map(|e| pending_json(state, e))
+        .filter(|v| !overdue_only || v["overdue"] == serde_json::Value::Bool(true))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "items": items }),
+    ))
 }

@@ -9,6 +9,20 @@ use tokio::sync::watch;
 use crate::auth::{Credential, SecretString, Verifier};
 use crate::config::{Access, Limits, Policy};
 use crate::store::{Scope, Store};
+use crate::waiters::Waiters;
+
+/// The wall clock, in milliseconds since the Unix epoch (injectable for tests).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    })
+}
 
 /// Entries kept in the verified-credential cache.
 const VERIFIED_CACHE_ENTRIES: usize = 4096;
@@ -56,6 +70,7 @@ pub struct AuthenticatedPoller {
 }
 
 /// Everything a request handler needs.
+#[allow(missing_debug_implementations)]
 pub struct AppState {
     /// Durable storage.
     pub store: Arc<dyn Store>,
@@ -69,6 +84,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Flips to `true` when the server starts shutting down.
     shutdown: watch::Sender<bool>,
+    /// Pollers waiting for a controlid.
+    pub waiters: Waiters,
+    /// The wall clock.
+    clock: Clock,
 }
 
 impl AppState {
@@ -78,9 +97,12 @@ impl AppState {
         access: &Access,
         max_body_bytes: u64,
         limits: Limits,
+        clock: Clock,
     ) -> Self {
         let (shutdown, _) = watch::channel(false);
         Self {
+            waiters: Waiters::new(limits.max_waiting_pollers),
+            clock,
             store,
             access: RwLock::new(Arc::new(AccessIndex::new(access))),
             verifier: Arc::new(Verifier::new(VERIFIED_CACHE_ENTRIES)),
@@ -107,9 +129,21 @@ impl AppState {
         }
     }
 
+    /// Now, in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        (self.clock)()
+    }
+
     /// Tells long-running handlers to finish.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
+    }
+
+    /// Completes once the server starts shutting down.
+    pub async fn stopping(&self) {
+        let mut rx = self.shutdown.subscribe();
+        // Map the guard away at once: it must not be held across an await.
+        let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
     }
 
     /// A receiver that turns `true` at shutdown.

@@ -150,6 +150,28 @@ pub struct Latest {
     pub deliveries: u32,
 }
 
+/// An integrator's record that it awaits the response to a controlid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expectation {
+    /// The control-level controlid the integrator sent.
+    pub controlid: String,
+    /// The poller that recorded it.
+    pub poller: String,
+    /// When it was recorded, milliseconds since the Unix epoch.
+    pub since_ms: i64,
+    /// After how long without a callback it counts as overdue.
+    pub timeout_seconds: u64,
+}
+
+/// What `expect` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectOutcome {
+    /// A new expectation was recorded.
+    Created(Expectation),
+    /// The poller already awaited this controlid; its timeout was updated, `since_ms` kept.
+    Existed(Expectation),
+}
+
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -210,6 +232,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// The raw body of one quarantined item.
     async fn quarantined_body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError>;
+
+    /// Records (durably) that `expectation.poller` awaits `expectation.controlid`.
+    ///
+    /// A put of a matched delivery removes every expectation of its controlid in the same
+    /// commit: an expectation lives until its callback arrives (or retention removes it).
+    async fn expect(&self, expectation: Expectation) -> Result<ExpectOutcome, StoreError>;
+
+    /// The expectation of `poller` for `controlid`, if still unanswered.
+    async fn expectation(
+        &self,
+        controlid: &str,
+        poller: &str,
+    ) -> Result<Option<Expectation>, StoreError>;
+
+    /// Every unanswered expectation of `poller`, oldest first.
+    async fn expectations(&self, poller: &str) -> Result<Vec<Expectation>, StoreError>;
+
+    /// Removes (durably) the expectations of `controlid` recorded by `poller`; returns how many.
+    async fn forget_expectation(&self, controlid: &str, poller: &str) -> Result<usize, StoreError>;
+
+    /// Removes deliveries, quarantined bodies and expectations older than `cutoff_ms`, at most
+    /// `batch` per commit so that callbacks are not held up; returns how many were removed.
+    async fn purge_older_than(&self, cutoff_ms: i64, batch: usize) -> Result<usize, StoreError>;
 
     /// The newest committed id, updated after every durable commit.
     fn committed(&self) -> watch::Receiver<DeliveryId>;

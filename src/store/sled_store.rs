@@ -16,6 +16,8 @@
 //! | `t` received_at id | `d` or `q` | retention (`purge_older_than`) |
 //! | `q` id | version byte + JSON of the quarantine record | `quarantined` |
 //! | `Q` id | the raw quarantined body | `quarantined_body` |
+//! | `e` len controlid len poller | version byte + JSON of the [`Expectation`] | `expectation`, `expectations`, resolution by `put` |
+//! | `E` since_ms len controlid len poller | empty | retention of expectations (`purge_older_than`) |
 //! | `s/next_id`, `s/deliveries`, `s/quarantined`, `s/probe` | big-endian `u64` | counters, probe |
 //!
 //! Metadata is kept apart from bodies, so scans never read a body.
@@ -42,13 +44,27 @@
 //! moves after a successful flush, so "id ≤ watermark" means "durable". Removals (delete, purge)
 //! are not hidden that way: a removed delivery disappears before the removal is durable, and the
 //! removal is acknowledged only once it is.
+//!
+//! # Expectations
+//!
+//! An [`Expectation`] has no id, so the watermark cannot hide it: a new one (or a new timeout) is
+//! visible a moment before `expect` returns, like a removal. What must never show is a controlid
+//! that is neither pending nor received. A `put` of a matched delivery removes every expectation
+//! of its controlid (all pollers) in the same sled batch as the delivery itself, so on disk the two
+//! change together; but sled shows the removal at once while the delivery stays hidden until its
+//! commit. The writer therefore first copies the expectations it removes into an overlay
+//! (`Shared::resolving`) that readers consult when the key is gone, and empties it only after a
+//! commit has published the watermark (which then covers the delivery). A failed group keeps the
+//! overlay until the next successful commit, as it keeps the delivery hidden. A reader that asks
+//! for the expectation *before* asking for the delivery therefore always sees one of the two.
+//! `forget_expectation` and the purge are plain removals (not hidden).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,8 +74,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    DeliveryId, DeliveryRecord, Latest, NewDelivery, NewQuarantine, PutOutcome, QuarantineRecord,
-    Scope, Store, StoreError,
+    DeliveryId, DeliveryRecord, ExpectOutcome, Expectation, Latest, NewDelivery, NewQuarantine,
+    PutOutcome, QuarantineRecord, Scope, Store, StoreError,
 };
 use crate::xml::Extracted;
 
@@ -79,6 +95,10 @@ const TIME: u8 = b't';
 const QMETA: u8 = b'q';
 /// Prefix of quarantine bodies.
 const QBODY: u8 = b'Q';
+/// Prefix of expectations.
+const EXPECT: u8 = b'e';
+/// Prefix of the since-time index of expectations.
+const EXPECT_TIME: u8 = b'E';
 
 /// The next id to assign.
 const NEXT_ID_KEY: &[u8] = b"s/next_id";
@@ -153,6 +173,16 @@ struct Shared {
     deliveries: AtomicU64,
     /// Stored quarantined bodies.
     quarantined: AtomicU64,
+    /// Expectations removed by a `put` whose delivery is not committed yet, by controlid; still
+    /// shown as pending by readers (see the module documentation).
+    resolving: Mutex<HashMap<String, Vec<Expectation>>>,
+}
+
+impl Shared {
+    /// Locks the overlay of resolved expectations, ignoring poisoning (it holds plain data).
+    fn resolving(&self) -> MutexGuard<'_, HashMap<String, Vec<Expectation>>> {
+        self.resolving.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What one purge request did.
@@ -160,7 +190,7 @@ struct Shared {
 struct PurgeStep {
     /// Entries of the time index looked at.
     scanned: usize,
-    /// Deliveries and quarantined bodies removed.
+    /// Deliveries, quarantined bodies and expectations removed.
     removed: usize,
 }
 
@@ -182,11 +212,22 @@ enum Request {
         /// Answered with the number removed.
         reply: Reply<usize>,
     },
-    /// Remove up to `batch` items received before `cutoff_ms`.
+    /// Record (or refresh) an expectation.
+    Expect(Box<Expectation>, Reply<ExpectOutcome>),
+    /// Remove the expectation of a poller for a controlid.
+    Forget {
+        /// The controlid.
+        controlid: String,
+        /// The poller.
+        poller: String,
+        /// Answered with the number removed.
+        reply: Reply<usize>,
+    },
+    /// Remove up to `batch` items received (or expected) before `cutoff_ms`.
     Purge {
         /// Milliseconds since the epoch; older items go.
         cutoff_ms: i64,
-        /// At most this many entries of the time index per request.
+        /// At most this many entries of the time indexes per request.
         batch: usize,
         /// Answered with what was done.
         reply: Reply<PurgeStep>,
@@ -333,31 +374,6 @@ impl SledStore {
             #[cfg(test)]
             hooks,
         })
-    }
-
-    /// Removes the deliveries and quarantined bodies received before `cutoff_ms` (milliseconds
-    /// since the epoch), at most `batch` per commit so that callbacks are not held up; returns how
-    /// many were removed.
-    pub async fn purge_older_than(
-        &self,
-        cutoff_ms: i64,
-        batch: usize,
-    ) -> Result<usize, StoreError> {
-        let batch = batch.max(1);
-        let mut removed = 0;
-        loop {
-            let step = self
-                .submit(|reply| Request::Purge {
-                    cutoff_ms,
-                    batch,
-                    reply,
-                })
-                .await?;
-            removed += step.removed;
-            if step.scanned < batch {
-                return Ok(removed);
-            }
-        }
     }
 
     /// Bytes used by the database directory (log, snapshots and blobs). Reads file metadata.
@@ -510,6 +526,62 @@ impl Store for SledStore {
             .await
     }
 
+    async fn expect(&self, expectation: Expectation) -> Result<ExpectOutcome, StoreError> {
+        self.submit(|reply| Request::Expect(Box::new(expectation), reply))
+            .await
+    }
+
+    async fn expectation(
+        &self,
+        controlid: &str,
+        poller: &str,
+    ) -> Result<Option<Expectation>, StoreError> {
+        let controlid = controlid.to_owned();
+        let poller = poller.to_owned();
+        let shared = Arc::clone(&self.shared);
+        self.read(move |db, _| read_expectation(db, &shared, &controlid, &poller))
+            .await
+    }
+
+    async fn expectations(&self, poller: &str) -> Result<Vec<Expectation>, StoreError> {
+        let poller = poller.to_owned();
+        let shared = Arc::clone(&self.shared);
+        self.read(move |db, _| read_expectations(db, &shared, &poller))
+            .await
+    }
+
+    async fn forget_expectation(&self, controlid: &str, poller: &str) -> Result<usize, StoreError> {
+        let controlid = controlid.to_owned();
+        let poller = poller.to_owned();
+        self.submit(|reply| Request::Forget {
+            controlid,
+            poller,
+            reply,
+        })
+        .await
+    }
+
+    /// Runs purge requests of at most `batch` index entries each (deliveries and quarantined
+    /// bodies first, then expectations) until one finds fewer, so that callbacks queued behind a
+    /// purge wait for one small commit at most.
+    async fn purge_older_than(&self, cutoff_ms: i64, batch: usize) -> Result<usize, StoreError> {
+        let batch = batch.max(1);
+        let mut removed = 0;
+        loop {
+            let step = self
+                .submit(|reply| Request::Purge {
+                    cutoff_ms,
+                    batch,
+                    reply,
+                })
+                .await?;
+            removed += step.removed;
+            if step.scanned < batch {
+                return Ok(removed);
+            }
+        }
+    }
+
     fn committed(&self) -> watch::Receiver<DeliveryId> {
         self.committed.subscribe()
     }
@@ -625,6 +697,18 @@ impl Writer {
                     let result = self.apply(|w| w.delete(&controlid, &scope), &mut group_error);
                     answer(reply, result)
                 }
+                Request::Expect(expectation, reply) => {
+                    let result = self.apply(|w| w.expect(&expectation), &mut group_error);
+                    answer(reply, result)
+                }
+                Request::Forget {
+                    controlid,
+                    poller,
+                    reply,
+                } => {
+                    let result = self.apply(|w| w.forget(&controlid, &poller), &mut group_error);
+                    answer(reply, result)
+                }
                 Request::Purge {
                     cutoff_ms,
                     batch,
@@ -659,6 +743,12 @@ impl Writer {
                     *current = newest;
                     changed
                 });
+                // The deliveries that resolved these expectations are visible now.
+                let mut resolving = self.shared.resolving();
+                if !resolving.is_empty() {
+                    resolving.clear();
+                }
+                drop(resolving);
                 self.shared.requests.fetch_add(count, Ordering::Relaxed);
             }
             Some(message) => {
@@ -695,13 +785,23 @@ impl Writer {
     }
 
     /// Stores a delivery unless the same bytes are already there.
+    ///
+    /// A matched delivery also removes every expectation of its controlid, in the same batch (a
+    /// duplicate in a batch of its own): the two become durable together.
     fn put(&mut self, delivery: &NewDelivery) -> Result<PutOutcome, StoreError> {
+        let mut batch = sled::Batch::default();
+        let resolved = match &delivery.extracted.controlid {
+            Some(controlid) => self.resolve_expectations(controlid, &mut batch)?,
+            None => Vec::new(),
+        };
         if let Some(existing) = self.find_duplicate(delivery)? {
+            if !resolved.is_empty() {
+                self.apply_resolving(batch, resolved)?;
+            }
             return Ok(PutOutcome::Duplicate(DeliveryId(existing)));
         }
         let record = encode_delivery(delivery)?;
         let id = self.take_id();
-        let mut batch = sled::Batch::default();
         batch.insert(&id_key(META, id)[..], record);
         batch.insert(&id_key(BODY, id)[..], &delivery.body[..]);
         match &delivery.extracted.controlid {
@@ -721,7 +821,7 @@ impl Writer {
         );
         batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
         batch.insert(DELIVERIES_KEY, &(self.deliveries + 1).to_be_bytes()[..]);
-        self.db.apply_batch(batch).map_err(sled_error)?;
+        self.apply_resolving(batch, resolved)?;
         self.deliveries += 1;
         self.shared
             .deliveries
@@ -758,6 +858,132 @@ impl Writer {
             Some(id) if self.db.contains_key(id_key(META, id)).map_err(sled_error)? => Ok(Some(id)),
             _ => Ok(None),
         }
+    }
+
+    /// Adds to `batch` the removal of every expectation of `controlid` (all pollers) and returns
+    /// the removed expectations that could be decoded.
+    fn resolve_expectations(
+        &self,
+        controlid: &str,
+        batch: &mut sled::Batch,
+    ) -> Result<Vec<Expectation>, StoreError> {
+        let mut resolved = Vec::new();
+        for entry in self.db.scan_prefix(expect_prefix(controlid)) {
+            let (key, raw) = entry.map_err(sled_error)?;
+            batch.remove(key.clone());
+            match decode_expectation(&key, &raw) {
+                Ok(expectation) => {
+                    batch.remove(expect_time_key(
+                        expectation.since_ms,
+                        &expectation.controlid,
+                        &expectation.poller,
+                    ));
+                    resolved.push(expectation);
+                }
+                // Its `E` entry (time unknown) is left to the purge, which checks before removing.
+                Err(e) => tracing::warn!(error = %e, "removing an undecodable expectation"),
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// Applies a batch that removes `resolved`, keeping them visible to readers until the next
+    /// successful commit (see the module documentation).
+    fn apply_resolving(
+        &self,
+        batch: sled::Batch,
+        resolved: Vec<Expectation>,
+    ) -> Result<(), StoreError> {
+        if resolved.is_empty() {
+            return self.db.apply_batch(batch).map_err(sled_error);
+        }
+        // Into the overlay first: there must be no moment where the key is gone and the overlay
+        // does not have it yet.
+        {
+            let mut resolving = self.shared.resolving();
+            for expectation in &resolved {
+                let pending = resolving.entry(expectation.controlid.clone()).or_default();
+                pending.retain(|e| e.poller != expectation.poller);
+                pending.push(expectation.clone());
+            }
+        }
+        if let Err(e) = self.db.apply_batch(batch) {
+            // Nothing was removed: the keys still show these expectations.
+            let mut resolving = self.shared.resolving();
+            for expectation in &resolved {
+                if let Some(pending) = resolving.get_mut(&expectation.controlid) {
+                    pending.retain(|e| e.poller != expectation.poller);
+                    if pending.is_empty() {
+                        resolving.remove(&expectation.controlid);
+                    }
+                }
+            }
+            return Err(sled_error(e));
+        }
+        Ok(())
+    }
+
+    /// Records an expectation, or refreshes the timeout of an existing one (keeping its
+    /// `since_ms`, hence its place in the time index).
+    fn expect(&mut self, expectation: &Expectation) -> Result<ExpectOutcome, StoreError> {
+        let key = expect_key(&expectation.controlid, &expectation.poller);
+        let existing = match self.db.get(&key).map_err(sled_error)? {
+            Some(raw) => match decode_expectation(&key, &raw) {
+                Ok(existing) => Some(existing),
+                Err(e) => {
+                    tracing::warn!(error = %e, "replacing an undecodable expectation");
+                    None
+                }
+            },
+            None => None,
+        };
+        let (stored, outcome): (Expectation, fn(Expectation) -> ExpectOutcome) = match existing {
+            Some(existing) => (
+                Expectation {
+                    since_ms: existing.since_ms,
+                    ..expectation.clone()
+                },
+                ExpectOutcome::Existed,
+            ),
+            None => (expectation.clone(), ExpectOutcome::Created),
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(key, encode(&stored, "new expectation")?);
+        // Rewritten when it exists too: harmless, and it heals a missing entry.
+        batch.insert(
+            expect_time_key(stored.since_ms, &stored.controlid, &stored.poller),
+            &[][..],
+        );
+        self.db.apply_batch(batch).map_err(sled_error)?;
+        Ok(outcome(stored))
+    }
+
+    /// Removes the expectation of `poller` for `controlid`; returns how many were removed (0 or 1).
+    fn forget(&mut self, controlid: &str, poller: &str) -> Result<usize, StoreError> {
+        let key = expect_key(controlid, poller);
+        let mut removed = 0;
+        if let Some(raw) = self.db.get(&key).map_err(sled_error)? {
+            let mut batch = sled::Batch::default();
+            batch.remove(key.clone());
+            if let Ok(expectation) = decode_expectation(&key, &raw) {
+                batch.remove(expect_time_key(expectation.since_ms, controlid, poller));
+            }
+            self.db.apply_batch(batch).map_err(sled_error)?;
+            removed = 1;
+        }
+        // One already resolved by a `put` that is not committed yet was still shown as pending.
+        let mut resolving = self.shared.resolving();
+        if let Some(pending) = resolving.get_mut(controlid) {
+            let before = pending.len();
+            pending.retain(|e| e.poller != poller);
+            if pending.len() < before && removed == 0 {
+                removed = 1;
+            }
+            if pending.is_empty() {
+                resolving.remove(controlid);
+            }
+        }
+        Ok(removed)
     }
 
     /// Keeps a refused body.
@@ -815,7 +1041,9 @@ impl Writer {
         Ok(usize::try_from(removed).unwrap_or(usize::MAX))
     }
 
-    /// Removes up to `limit` items received before `cutoff_ms`, in one atomic batch.
+    /// Removes up to `limit` items received (or, for expectations, recorded) before `cutoff_ms`,
+    /// in one atomic batch: deliveries and quarantined bodies first, then expectations with what
+    /// is left of `limit`.
     fn purge(&mut self, cutoff_ms: i64, limit: usize) -> Result<PurgeStep, StoreError> {
         let mut batch = sled::Batch::default();
         let mut scanned = 0;
@@ -867,6 +1095,33 @@ impl Writer {
             batch.remove(&id_key(META, id)[..]);
             batch.remove(&id_key(BODY, id)[..]);
         }
+        let mut expectations = 0_u64;
+        let start = [EXPECT_TIME];
+        let end = expect_time_prefix(cutoff_ms);
+        for entry in self
+            .db
+            .range(&start[..]..&end[..])
+            .keys()
+            .take(limit - scanned)
+        {
+            let key = entry.map_err(sled_error)?;
+            scanned += 1;
+            batch.remove(key.clone());
+            let Some((since_ms, controlid, poller)) = parse_expect_time_key(&key) else {
+                continue;
+            };
+            let expect_key = expect_key(controlid, poller);
+            let Some(raw) = self.db.get(&expect_key).map_err(sled_error)? else {
+                continue;
+            };
+            // An entry left behind by an expectation since re-created (at another time) must not
+            // take the new one; an undecodable one goes with its only time entry.
+            let current = decode_expectation(&expect_key, &raw).map(|e| e.since_ms);
+            if current.map_or(true, |since| since == since_ms) {
+                batch.remove(expect_key);
+                expectations += 1;
+            }
+        }
         if scanned > 0 {
             let new_deliveries = self.deliveries.saturating_sub(deliveries);
             let new_quarantined = self.quarantined.saturating_sub(quarantined);
@@ -882,7 +1137,8 @@ impl Writer {
                 .quarantined
                 .store(new_quarantined, Ordering::Relaxed);
         }
-        let removed = usize::try_from(deliveries + quarantined).unwrap_or(usize::MAX);
+        let removed =
+            usize::try_from(deliveries + quarantined + expectations).unwrap_or(usize::MAX);
         Ok(PurgeStep { scanned, removed })
     }
 
@@ -1099,6 +1355,59 @@ fn read_quarantined(
     Ok(records)
 }
 
+/// Reads the expectation of `poller` for `controlid`, or the one a not yet committed delivery
+/// resolved. The key is read before the overlay, which the writer fills before removing keys and
+/// empties only after the watermark covers the delivery.
+fn read_expectation(
+    db: &sled::Db,
+    shared: &Shared,
+    controlid: &str,
+    poller: &str,
+) -> Result<Option<Expectation>, StoreError> {
+    let key = expect_key(controlid, poller);
+    if let Some(raw) = db.get(&key).map_err(sled_error)? {
+        return decode_expectation(&key, &raw).map(Some);
+    }
+    Ok(shared
+        .resolving()
+        .get(controlid)
+        .and_then(|pending| pending.iter().find(|e| e.poller == poller).cloned()))
+}
+
+/// Reads every expectation of `poller` (with those of not yet committed deliveries), ordered by
+/// `since_ms`, then controlid. Walks the whole `e` prefix but decodes only the poller's values.
+fn read_expectations(
+    db: &sled::Db,
+    shared: &Shared,
+    poller: &str,
+) -> Result<Vec<Expectation>, StoreError> {
+    let mut found = Vec::new();
+    let mut seen = HashSet::new();
+    for entry in db.scan_prefix([EXPECT]) {
+        let (key, raw) = entry.map_err(sled_error)?;
+        match parse_expect_key(&key) {
+            Some((controlid, owner)) if owner == poller => {
+                seen.insert(controlid.to_owned());
+            }
+            _ => continue,
+        }
+        found.push(decode_expectation(&key, &raw)?);
+    }
+    for pending in shared.resolving().values() {
+        for expectation in pending {
+            if expectation.poller == poller && !seen.contains(&expectation.controlid) {
+                found.push(expectation.clone());
+            }
+        }
+    }
+    found.sort_by(|a, b| {
+        a.since_ms
+            .cmp(&b.since_ms)
+            .then_with(|| a.controlid.cmp(&b.controlid))
+    });
+    Ok(found)
+}
+
 /// The next id to assign: the persisted counter, or past the newest key if that is higher.
 fn initial_next_id(db: &sled::Db) -> Result<u64, StoreError> {
     let mut next = read_counter(db, NEXT_ID_KEY)?.unwrap_or(1).max(1);
@@ -1247,6 +1556,75 @@ fn time_key(ms: i64, id: u64) -> [u8; 17] {
     key
 }
 
+/// The prefix of every expectation of a controlid (one per poller).
+fn expect_prefix(controlid: &str) -> Vec<u8> {
+    string_prefix(EXPECT, controlid, 0)
+}
+
+/// Appends a length-prefixed string.
+fn push_string(key: &mut Vec<u8>, s: &str) {
+    key.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_be_bytes());
+    key.extend_from_slice(s.as_bytes());
+}
+
+/// The key of the expectation of `poller` for `controlid`.
+fn expect_key(controlid: &str, poller: &str) -> Vec<u8> {
+    let mut key = string_prefix(EXPECT, controlid, 4 + poller.len());
+    push_string(&mut key, poller);
+    key
+}
+
+/// The first key of the expectation time index at `ms`.
+fn expect_time_prefix(ms: i64) -> [u8; 9] {
+    let mut key = [0; 9];
+    key[0] = EXPECT_TIME;
+    key[1..].copy_from_slice(&time_bytes(ms));
+    key
+}
+
+/// The time index entry of one expectation.
+fn expect_time_key(since_ms: i64, controlid: &str, poller: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + 8 + controlid.len() + poller.len());
+    key.extend_from_slice(&expect_time_prefix(since_ms));
+    push_string(&mut key, controlid);
+    push_string(&mut key, poller);
+    key
+}
+
+/// Splits a length-prefixed string off the front of `bytes`.
+fn take_string(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u32::from_be_bytes(<[u8; 4]>::try_from(bytes.get(..4)?).ok()?);
+    let end = 4_usize.checked_add(usize::try_from(len).ok()?)?;
+    let s = std::str::from_utf8(bytes.get(4..end)?).ok()?;
+    Some((s, &bytes[end..]))
+}
+
+/// Decodes exactly two length-prefixed strings (controlid, poller).
+fn parse_pair(bytes: &[u8]) -> Option<(&str, &str)> {
+    let (controlid, rest) = take_string(bytes)?;
+    let (poller, rest) = take_string(rest)?;
+    rest.is_empty().then_some((controlid, poller))
+}
+
+/// The (controlid, poller) of an expectation key.
+fn parse_expect_key(key: &[u8]) -> Option<(&str, &str)> {
+    match key.split_first()? {
+        (&EXPECT, rest) => parse_pair(rest),
+        _ => None,
+    }
+}
+
+/// The (since_ms, controlid, poller) of an expectation time index key.
+fn parse_expect_time_key(key: &[u8]) -> Option<(i64, &str, &str)> {
+    if key.first() != Some(&EXPECT_TIME) {
+        return None;
+    }
+    let time = u64::from_be_bytes(<[u8; 8]>::try_from(key.get(1..9)?).ok()?);
+    let since_ms = (time ^ (1 << 63)) as i64;
+    let (controlid, poller) = parse_pair(&key[9..])?;
+    Some((since_ms, controlid, poller))
+}
+
 /// A delivery record as stored (the id is in the key).
 #[derive(Serialize)]
 struct StoredDeliveryRef<'a> {
@@ -1313,12 +1691,17 @@ fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// Decodes a value written by [`encode`].
+/// Decodes a value written by [`encode`] under an id key.
 fn decode<T: for<'de> Deserialize<'de>>(prefix: u8, id: u64, raw: &[u8]) -> Result<T, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        key: format!("{}/{}", char::from(prefix), DeliveryId(id)),
-        reason,
-    };
+    decode_named(raw, || format!("{}/{}", char::from(prefix), DeliveryId(id)))
+}
+
+/// Decodes a value written by [`encode`]; `key` names it in errors.
+fn decode_named<T: for<'de> Deserialize<'de>>(
+    raw: &[u8],
+    key: impl Fn() -> String,
+) -> Result<T, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { key: key(), reason };
     match raw.split_first() {
         Some((&RECORD_VERSION, json)) => {
             serde_json::from_slice(json).map_err(|e| corrupt(format!("bad json: {e}")))
@@ -1357,6 +1740,17 @@ fn decode_delivery(id: u64, raw: &[u8]) -> Result<DeliveryRecord, StoreError> {
         size: stored.size,
         sha256,
         extracted: stored.extracted,
+    })
+}
+
+/// Decodes an expectation stored under `key`.
+fn decode_expectation(key: &[u8], raw: &[u8]) -> Result<Expectation, StoreError> {
+    decode_named(raw, || match parse_expect_key(key) {
+        Some((controlid, poller)) => format!("e/{controlid}/{poller}"),
+        None => format!(
+            "e/{}",
+            String::from_utf8_lossy(key.get(1..).unwrap_or_default())
+        ),
     })
 }
 
@@ -2342,5 +2736,367 @@ mod tests {
         println!("1000 concurrent 4 KiB puts: {elapsed:?}, {flushes} flushes");
         assert!(flushes <= 1000);
         assert_eq!(store.delivery_count(), 1000);
+    }
+
+    fn expectation(controlid: &str, poller: &str, since_ms: i64, timeout: u64) -> Expectation {
+        Expectation {
+            controlid: controlid.to_owned(),
+            poller: poller.to_owned(),
+            since_ms,
+            timeout_seconds: timeout,
+        }
+    }
+
+    /// The keys under a one-byte prefix, raw.
+    fn raw_keys(store: &SledStore, prefix: u8) -> Vec<Vec<u8>> {
+        store
+            .db
+            .scan_prefix([prefix])
+            .keys()
+            .map(|k| k.expect("key").to_vec())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expect_creates_then_refreshes_keeping_since() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let first = expectation("c1", "erp", 1_000, 60);
+        assert_eq!(
+            store.expect(first.clone()).await.expect("expect"),
+            ExpectOutcome::Created(first.clone())
+        );
+        assert_eq!(
+            store.expectation("c1", "erp").await.expect("get"),
+            Some(first.clone())
+        );
+        let again = store
+            .expect(expectation("c1", "erp", 5_000, 3_600))
+            .await
+            .expect("expect");
+        let refreshed = expectation("c1", "erp", 1_000, 3_600);
+        assert_eq!(again, ExpectOutcome::Existed(refreshed.clone()));
+        assert_eq!(
+            store.expectation("c1", "erp").await.expect("get"),
+            Some(refreshed)
+        );
+        // Another poller awaiting the same controlid has an expectation of its own.
+        let other = expectation("c1", "bi", 2_000, 10);
+        assert_eq!(
+            store.expect(other.clone()).await.expect("expect"),
+            ExpectOutcome::Created(other)
+        );
+        assert!(store.expectation("c1", "x").await.expect("get").is_none());
+        assert!(store.expectation("c", "1erp").await.expect("get").is_none());
+        // One record and one time entry per (controlid, poller); since unchanged, so no stray one.
+        assert_eq!(raw_keys(&store, EXPECT).len(), 2);
+        assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 2);
+        // Expectations take no delivery id.
+        assert_eq!(*store.committed().borrow(), DeliveryId(0));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn put_resolves_every_poller_of_its_controlid_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        for e in [
+            expectation("c", "erp", 1, 60),
+            expectation("c", "bi", 2, 60),
+            expectation("other", "erp", 3, 60),
+            expectation("cc", "erp", 4, 60),
+        ] {
+            store.expect(e).await.expect("expect");
+        }
+        // An unmatched delivery resolves nothing.
+        store
+            .put(delivery("p", None, b"<response><control/></response>", 5))
+            .await
+            .expect("put");
+        assert_eq!(raw_keys(&store, EXPECT).len(), 4);
+
+        let outcome = store
+            .put(delivery("p", Some("c"), b"<response>c</response>", 6))
+            .await
+            .expect("put");
+        assert!(matches!(outcome, PutOutcome::Stored(_)));
+        assert!(store.expectation("c", "erp").await.expect("get").is_none());
+        assert!(store.expectation("c", "bi").await.expect("get").is_none());
+        assert!(store.expectations("bi").await.expect("list").is_empty());
+        let left = store.expectations("erp").await.expect("list");
+        assert_eq!(
+            left.iter()
+                .map(|e| e.controlid.as_str())
+                .collect::<Vec<_>>(),
+            vec!["other", "cc"]
+        );
+        assert_eq!(raw_keys(&store, EXPECT).len(), 2);
+        assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 2);
+
+        // A duplicate of the stored bytes resolves an expectation recorded since.
+        store
+            .expect(expectation("c", "erp", 7, 60))
+            .await
+            .expect("expect");
+        let dup = store
+            .put(delivery("p", Some("c"), b"<response>c</response>", 8))
+            .await
+            .expect("put");
+        assert_eq!(dup, PutOutcome::Duplicate(outcome.id()));
+        assert!(store.expectation("c", "erp").await.expect("get").is_none());
+        assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 2);
+        // Nothing is held in the overlay once committed.
+        assert!(store.shared.resolving().is_empty());
+        // Deleting the response leaves the other expectations alone.
+        store
+            .delete_controlid("other", &Scope::All)
+            .await
+            .expect("delete");
+        assert!(store
+            .expectation("other", "erp")
+            .await
+            .expect("get")
+            .is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_resolved_expectation_shows_until_its_delivery_is_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        let pending = expectation("w", "erp", 10, 60);
+        store.expect(pending.clone()).await.expect("expect");
+        store.hooks.set(|s| s.hold_flush = true);
+        let task = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.put(delivery("p", Some("w"), b"wm", 11)).await }
+        });
+        wait_until(|| store.hooks.at_flush()).await;
+        // The delivery and the removal are applied together; neither is visible as such yet.
+        assert!(raw_keys(&store, EXPECT).is_empty());
+        assert_eq!(raw_keys(&store, META).len(), 1);
+        assert!(store
+            .latest("w", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert_eq!(
+            store.expectation("w", "erp").await.expect("get"),
+            Some(pending.clone())
+        );
+        assert_eq!(
+            store.expectations("erp").await.expect("list"),
+            vec![pending.clone()]
+        );
+        store.hooks.set(|s| s.hold_flush = false);
+        assert!(matches!(
+            task.await.expect("join").expect("put"),
+            PutOutcome::Stored(_)
+        ));
+        assert!(store.expectation("w", "erp").await.expect("get").is_none());
+        assert!(store.expectations("erp").await.expect("list").is_empty());
+        assert!(store
+            .latest("w", &Scope::All)
+            .await
+            .expect("latest")
+            .is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_commit_keeps_the_expectation_until_the_delivery_shows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let pending = expectation("f", "erp", 10, 60);
+        store.expect(pending.clone()).await.expect("expect");
+        store.hooks.set(|s| s.fail_flushes = 1);
+        assert!(matches!(
+            store.put(delivery("p", Some("f"), b"f", 11)).await,
+            Err(StoreError::Io(_))
+        ));
+        assert!(store
+            .latest("f", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert_eq!(
+            store.expectation("f", "erp").await.expect("get"),
+            Some(pending)
+        );
+        // The next commit makes both durable and visible together.
+        store.check_writable().await.expect("writable");
+        assert!(store
+            .latest("f", &Scope::All)
+            .await
+            .expect("latest")
+            .is_some());
+        assert!(store.expectation("f", "erp").await.expect("get").is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expectations_are_per_poller_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        for e in [
+            expectation("b", "erp", 20, 60),
+            expectation("a", "erp", 20, 60),
+            expectation("zz", "erp", 5, 60),
+            expectation("c", "erp", -3, 60),
+            expectation("a", "bi", 1, 60),
+            expectation("erp", "e", 0, 60),
+        ] {
+            store.expect(e).await.expect("expect");
+        }
+        let erp = store.expectations("erp").await.expect("list");
+        assert_eq!(
+            erp.iter()
+                .map(|e| (e.controlid.as_str(), e.since_ms))
+                .collect::<Vec<_>>(),
+            vec![("c", -3), ("zz", 5), ("a", 20), ("b", 20)]
+        );
+        assert!(erp.iter().all(|e| e.poller == "erp"));
+        let bi = store.expectations("bi").await.expect("list");
+        assert_eq!(bi, vec![expectation("a", "bi", 1, 60)]);
+        assert!(store.expectations("nobody").await.expect("list").is_empty());
+        assert_eq!(store.expectations("e").await.expect("list").len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn forget_removes_one_poller_durably() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        store
+            .expect(expectation("c", "erp", 1, 60))
+            .await
+            .expect("expect");
+        store
+            .expect(expectation("c", "bi", 1, 60))
+            .await
+            .expect("expect");
+        assert_eq!(
+            store.forget_expectation("c", "erp").await.expect("forget"),
+            1
+        );
+        assert_eq!(
+            store.forget_expectation("c", "erp").await.expect("forget"),
+            0
+        );
+        assert_eq!(
+            store.forget_expectation("x", "bi").await.expect("forget"),
+            0
+        );
+        assert!(store.expectation("c", "erp").await.expect("get").is_none());
+        assert!(store.expectation("c", "bi").await.expect("get").is_some());
+        assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 1);
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert!(store.expectation("c", "erp").await.expect("get").is_none());
+        assert!(store.expectation("c", "bi").await.expect("get").is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purge_removes_old_expectations_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        for i in 0..5 {
+            store
+                .expect(expectation(&format!("old{i}"), "erp", -10 + i, 60))
+                .await
+                .expect("expect");
+        }
+        store
+            .expect(expectation("edge", "erp", 100, 60))
+            .await
+            .expect("expect");
+        store
+            .expect(expectation("new", "bi", 500, 60))
+            .await
+            .expect("expect");
+        let old_delivery = store
+            .put(delivery("p", Some("d"), b"d", 50))
+            .await
+            .expect("put")
+            .id();
+        // Refreshing an old expectation does not make it young.
+        store
+            .expect(expectation("old0", "erp", 1_000, 7))
+            .await
+            .expect("expect");
+
+        // Batches of 2 over 1 delivery and 5 expectations: several commits.
+        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 6);
+        assert!(store.record(old_delivery).await.expect("record").is_none());
+        for i in 0..5 {
+            assert!(store
+                .expectation(&format!("old{i}"), "erp")
+                .await
+                .expect("get")
+                .is_none());
+        }
+        assert_eq!(
+            store.expectations("erp").await.expect("list"),
+            vec![expectation("edge", "erp", 100, 60)]
+        );
+        assert_eq!(
+            store.expectations("bi").await.expect("list"),
+            vec![expectation("new", "bi", 500, 60)]
+        );
+        assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 2);
+        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 0);
+
+        // A time entry left behind (its record re-created later) goes without taking the record.
+        store
+            .db
+            .insert(expect_time_key(-50, "new", "bi"), &[][..])
+            .expect("insert");
+        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 0);
+        assert!(store.expectation("new", "bi").await.expect("get").is_some());
+        assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reopen_keeps_expectations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let kept = expectation("k", "erp", 42, 3_600);
+        store.expect(kept.clone()).await.expect("expect");
+        store
+            .expect(expectation("r", "erp", 43, 60))
+            .await
+            .expect("expect");
+        store
+            .put(delivery("p", Some("r"), b"r", 44))
+            .await
+            .expect("put");
+        store.close().await.expect("close");
+        assert!(matches!(
+            store.expect(kept.clone()).await,
+            Err(StoreError::Closed)
+        ));
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(
+            store.expectations("erp").await.expect("list"),
+            vec![kept.clone()]
+        );
+        assert!(store.expectation("r", "erp").await.expect("get").is_none());
+        assert_eq!(
+            store
+                .expect(expectation("k", "erp", 99, 5))
+                .await
+                .expect("expect"),
+            ExpectOutcome::Existed(expectation("k", "erp", 42, 5))
+        );
+    }
+
+    #[test]
+    fn expectation_keys_roundtrip_and_do_not_collide() {
+        assert_eq!(parse_expect_key(&expect_key("a", "bc")), Some(("a", "bc")));
+        assert_ne!(expect_key("a", "bc"), expect_key("ab", "c"));
+        assert!(!expect_key("ab", "c").starts_with(&expect_prefix("a")));
+        assert!(expect_key("a", "").starts_with(&expect_prefix("a")));
+        assert_eq!(
+            parse_expect_time_key(&expect_time_key(-7, "c\0", "p")),
+            Some((-7, "c\0", "p"))
+        );
+        assert!(expect_time_key(-1, "z", "z") < expect_time_key(0, "a", "a"));
+        assert!(parse_expect_key(&[EXPECT, 0, 0, 0, 9]).is_none());
     }
 }
