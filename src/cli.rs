@@ -515,9 +515,15 @@ async fn long_poll(
                 WaitStep::Refused(what) => return Err(WaitFailure::Refused(what)),
             },
             Err(e) if e.is_retryable() => (next_backoff(&mut backoff), e.to_string()),
-            Err(e @ (ClientError::Tls(_) | ClientError::Usage(_))) => {
-                return Err(WaitFailure::Refused(e.to_string()))
+            Err(e @ ClientError::Tls(_)) => {
+                let hint = if args.cacert.is_some() {
+                    "is --cacert the CA that signed the server's certificate?"
+                } else {
+                    "for a private CA, name its certificate with --cacert"
+                };
+                return Err(WaitFailure::Refused(format!("{e} ({hint})")));
             }
+            Err(e @ ClientError::Usage(_)) => return Err(WaitFailure::Refused(e.to_string())),
             Err(e) => return Err(WaitFailure::Failed(e.to_string())),
         };
         let remaining = deadline.saturating_duration_since(Instant::now());

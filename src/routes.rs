@@ -581,11 +581,24 @@ async fn get_response(
         if let Some(n) = notified.as_mut().as_pin_mut() {
             n.enable();
         }
+        // On the last look, read the expectation first: a callback committing in between then
+        // shows as received (200) or still pending (202), never as unknown (404).
+        let pending = if over {
+            state.store.expectation(&controlid, &poller.name).await?
+        } else {
+            None
+        };
         if let Some(latest) = state.store.latest(&controlid, &poller.scope).await? {
             return delivery_response(state, &latest.record, latest.deliveries, req).await;
         }
         if over {
-            break;
+            return match pending {
+                Some(expectation) => Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &pending_json(state, &expectation),
+                )),
+                None => Err(ApiError::NotFound),
+            };
         }
         let woken = async {
             if let Some(n) = notified.as_mut().as_pin_mut() {
@@ -595,13 +608,6 @@ async fn get_response(
         if let WaitEnd::Over = wait_for(state, woken, deadline).await {
             over = true;
         }
-    }
-    match state.store.expectation(&controlid, &poller.name).await? {
-        Some(expectation) => Ok(json_response(
-            StatusCode::ACCEPTED,
-            &pending_json(state, &expectation),
-        )),
-        None => Err(ApiError::NotFound),
     }
 }
 

@@ -80,8 +80,8 @@ pub struct DeliveryRecord {
 pub enum PutOutcome {
     /// A new delivery was stored.
     Stored(DeliveryId),
-    /// The same bytes were already stored for the same controlid (or, unmatched, the same
-    /// policy): nothing new was written.
+    /// The same bytes were already stored for the same controlid and policy: nothing new was
+    /// written.
     Duplicate(DeliveryId),
 }
 
@@ -196,8 +196,8 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Stores a delivery and returns once it is durable.
     ///
-    /// Identical bytes for the same controlid (or, when unmatched, the same policy) are
-    /// [`PutOutcome::Duplicate`]; a different body for a known controlid is a further delivery.
+    /// Identical bytes for the same controlid and policy (or, when unmatched, the same policy)
+    /// are [`PutOutcome::Duplicate`]; a different body for a known controlid is a further delivery.
     async fn put(&self, delivery: NewDelivery) -> Result<PutOutcome, StoreError>;
 
     /// Keeps a refused body and returns once it is durable.

@@ -839,7 +839,9 @@ impl Writer {
                     let (key, value) = entry.map_err(sled_error)?;
                     let Some(id) = id_suffix(&key) else { continue };
                     if let Some(index) = ControlidEntry::parse(&value) {
-                        if index.sha256 == delivery.sha256 {
+                        // The same bytes posted to another policy are a delivery of their own:
+                        // a poller scoped to that policy must see them.
+                        if index.sha256 == delivery.sha256 && index.policy == delivery.policy {
                             found = Some(id);
                             break;
                         }
