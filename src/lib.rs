@@ -15,6 +15,8 @@
 //! - [`xml`]: the streaming extractor (no I/O); [`store`]: durable storage (only it knows sled);
 //! - [`tls`]: certificates and the rustls configuration; [`state`]: what handlers share;
 //! - [`waiters`]: long-poll registry; [`retention`]: the purge task;
+//! - [`simulator`]: a local simulator of the XML gateway (`simulate-gateway`) for trying the
+//!   whole asynchronous flow on one machine;
 //! - [`telemetry`]: logging set-up.
 
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod config;
 pub mod retention;
 pub mod routes;
 pub mod server;
+pub mod simulator;
 pub mod state;
 pub mod store;
 pub mod summary;

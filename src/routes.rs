@@ -567,6 +567,12 @@ async fn get_response(
     let poller = check_bearer(state, req.headers()).await?;
     let controlid = percent_decode(raw_id, "controlid")?;
     let wait = wait_param(state, &query_params(req)?)?;
+    if wait.is_some() {
+        // What is already there is answered without taking a waiting slot.
+        if let Some(latest) = state.store.latest(&controlid, &poller.scope).await? {
+            return delivery_response(state, &latest.record, latest.deliveries, req).await;
+        }
+    }
     let _slot = match wait {
         Some(_) => Some(state.waiters.slot().ok_or_else(busy)?),
         None => None,
@@ -718,16 +724,25 @@ async fn feed(state: &AppState, req: &Request<Incoming>) -> Result<HttpResponse,
             .min(MAX_FEED_LIMIT),
     };
     let wait = wait_param(state, &params)?;
+    let mut committed = state.store.committed();
+    committed.borrow_and_update();
+    let first = state.store.feed(after, limit, &poller.scope).await?;
+    // What is already there is answered without taking a waiting slot.
     let _slot = match wait {
-        Some(_) => Some(state.waiters.slot().ok_or_else(busy)?),
-        None => None,
+        Some(_) if first.is_empty() => Some(state.waiters.slot().ok_or_else(busy)?),
+        _ => None,
     };
     let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
-    let mut committed = state.store.committed();
-    let mut over = wait.is_none();
+    let mut over = wait.is_none() || !first.is_empty();
+    let mut prefetched = Some(first);
     let records = loop {
-        committed.borrow_and_update();
-        let records = state.store.feed(after, limit, &poller.scope).await?;
+        let records = match prefetched.take() {
+            Some(records) => records,
+            None => {
+                committed.borrow_and_update();
+                state.store.feed(after, limit, &poller.scope).await?
+            }
+        };
         if !records.is_empty() || over {
             break records;
         }
@@ -862,6 +877,7 @@ async fn put_expected(
             poller: poller.name.clone(),
             since_ms: state.now_ms(),
             timeout_seconds,
+            scope: poller.scope.clone(),
         })
         .await?;
     let (status, expectation) = match outcome {

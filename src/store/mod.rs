@@ -123,7 +123,7 @@ pub struct QuarantineRecord {
 }
 
 /// Which policies a reader may see.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Scope {
     /// Every policy.
     All,
@@ -161,6 +161,13 @@ pub struct Expectation {
     pub since_ms: i64,
     /// After how long without a callback it counts as overdue.
     pub timeout_seconds: u64,
+    /// The policies the poller may read: only a delivery to one of them resolves it.
+    #[serde(default = "scope_all")]
+    pub scope: Scope,
+}
+
+fn scope_all() -> Scope {
+    Scope::All
 }
 
 /// What `expect` did.
@@ -235,8 +242,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records (durably) that `expectation.poller` awaits `expectation.controlid`.
     ///
-    /// A put of a matched delivery removes every expectation of its controlid in the same
-    /// commit: an expectation lives until its callback arrives (or retention removes it).
+    /// A put of a matched delivery removes, in the same commit, every expectation of its
+    /// controlid whose scope allows the delivery's policy: an expectation lives until a callback
+    /// its poller may read arrives (or retention removes it).
     async fn expect(&self, expectation: Expectation) -> Result<ExpectOutcome, StoreError>;
 
     /// The expectation of `poller` for `controlid`, if still unanswered.

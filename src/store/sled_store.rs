@@ -791,7 +791,9 @@ impl Writer {
     fn put(&mut self, delivery: &NewDelivery) -> Result<PutOutcome, StoreError> {
         let mut batch = sled::Batch::default();
         let resolved = match &delivery.extracted.controlid {
-            Some(controlid) => self.resolve_expectations(controlid, &mut batch)?,
+            Some(controlid) => {
+                self.resolve_expectations(controlid, &delivery.policy, &mut batch)?
+            }
             None => Vec::new(),
         };
         if let Some(existing) = self.find_duplicate(delivery)? {
@@ -867,14 +869,17 @@ impl Writer {
     fn resolve_expectations(
         &self,
         controlid: &str,
+        policy: &str,
         batch: &mut sled::Batch,
     ) -> Result<Vec<Expectation>, StoreError> {
         let mut resolved = Vec::new();
         for entry in self.db.scan_prefix(expect_prefix(controlid)) {
             let (key, raw) = entry.map_err(sled_error)?;
-            batch.remove(key.clone());
             match decode_expectation(&key, &raw) {
+                // A poller that may not read this policy still awaits its own answer.
+                Ok(expectation) if !expectation.scope.allows(policy) => {}
                 Ok(expectation) => {
+                    batch.remove(key.clone());
                     batch.remove(expect_time_key(
                         expectation.since_ms,
                         &expectation.controlid,
@@ -883,7 +888,10 @@ impl Writer {
                     resolved.push(expectation);
                 }
                 // Its `E` entry (time unknown) is left to the purge, which checks before removing.
-                Err(e) => tracing::warn!(error = %e, "removing an undecodable expectation"),
+                Err(e) => {
+                    batch.remove(key.clone());
+                    tracing::warn!(error = %e, "removing an undecodable expectation");
+                }
             }
         }
         Ok(resolved)
@@ -2746,6 +2754,7 @@ mod tests {
             poller: poller.to_owned(),
             since_ms,
             timeout_seconds: timeout,
+            scope: Scope::All,
         }
     }
 

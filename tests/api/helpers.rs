@@ -361,8 +361,33 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     start(dir, config, ca).await
 }
 
+/// Starts the service with the test configuration changed by `tweak`, reading the wall clock
+/// (`received_at`, expectation times, the retention cutoff) from `clock` instead of the system.
+pub async fn spawn_app_with_clock(
+    tweak: impl FnOnce(&mut Config),
+    clock: callback_receiver::state::Clock,
+) -> TestApp {
+    init();
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let ca = make_certs(dir.path());
+    let text = config_toml("");
+    let mut config =
+        Config::from_toml(&text, "test.toml", dir.path()).expect("the test configuration is valid");
+    tweak(&mut config);
+    start_with_clock(dir, config, ca, clock).await
+}
+
 async fn start(dir: Arc<tempfile::TempDir>, config: Config, ca: PathBuf) -> TestApp {
-    let app = Application::build(config.clone())
+    start_with_clock(dir, config, ca, callback_receiver::state::system_clock()).await
+}
+
+async fn start_with_clock(
+    dir: Arc<tempfile::TempDir>,
+    config: Config,
+    ca: PathBuf,
+    clock: callback_receiver::state::Clock,
+) -> TestApp {
+    let app = Application::build_with_clock(config.clone(), clock)
         .await
         .expect("Application::build");
     let addr = app.local_addr();

@@ -84,7 +84,11 @@ fn text(bytes: &[u8]) -> String {
 fn assert_failed(what: &str, out: &Output, code: i32) -> String {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{what}: stderr {stderr:?}");
-    assert!(out.stdout.is_empty(), "{what}: stdout {:?}", text(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{what}: stdout {:?}",
+        text(&out.stdout)
+    );
     assert_eq!(
         stderr.trim_end().lines().count(),
         1,
@@ -95,7 +99,10 @@ fn assert_failed(what: &str, out: &Output, code: i32) -> String {
         "{what}: {stderr:?}"
     );
     for secret in SECRETS {
-        assert!(!stderr.contains(secret), "{what}: a secret leaked: {stderr:?}");
+        assert!(
+            !stderr.contains(secret),
+            "{what}: a secret leaked: {stderr:?}"
+        );
     }
     stderr.trim_end().to_string()
 }
@@ -140,12 +147,7 @@ async fn wait_prints_the_exact_bytes_when_the_callback_arrives() {
     let posted = app.post_ok(body.clone()).await;
     assert_eq!(posted.status, StatusCode::OK, "{}", posted.text());
     let (out, _) = finish(child, started).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr {:?}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "stderr {:?}", text(&out.stderr));
     assert_eq!(out.stdout, body.to_vec(), "stdout is not the exact body");
     assert!(out.stderr.is_empty(), "stderr {:?}", text(&out.stderr));
 }
@@ -168,12 +170,7 @@ async fn wait_json_prints_the_summary() {
         "--json",
     ]))
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr {:?}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "stderr {:?}", text(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", text(&out.stdout)));
     assert_eq!(summary["controlid"], controlid);
@@ -201,7 +198,10 @@ async fn wait_times_out_with_exit_1_and_one_line() {
     let line = assert_failed("time-out", &out, 1);
     assert!(line.contains("timed out"), "{line}");
     assert!(line.contains("never-posted"), "{line}");
-    assert!(elapsed >= Duration::from_secs(2), "ended early: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "ended early: {elapsed:?}"
+    );
     assert!(elapsed < Duration::from_secs(10), "ended late: {elapsed:?}");
 }
 
@@ -305,18 +305,16 @@ async fn an_untrusted_certificate_exits_2_at_once() {
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 
     // The system roots (made predictable with SSL_CERT_FILE), which do not hold the test CA.
-    let (out, elapsed) = run(
-        wait_command(&[
-            "x",
-            "--url",
-            &app.base_url,
-            "--token-file",
-            s(&token),
-            "--timeout",
-            "30",
-        ])
-        .env("SSL_CERT_FILE", &other_ca),
-    )
+    let (out, elapsed) = run(wait_command(&[
+        "x",
+        "--url",
+        &app.base_url,
+        "--token-file",
+        s(&token),
+        "--timeout",
+        "30",
+    ])
+    .env("SSL_CERT_FILE", &other_ca))
     .await;
     let line = assert_failed("system roots", &out, 2);
     assert!(line.contains("certificate"), "{line}");
@@ -378,12 +376,7 @@ async fn wait_retries_until_the_server_comes_up() {
     let body = response_doc(controlid, "late");
     assert_eq!(client.post_ok(body.clone()).await.status, StatusCode::OK);
     let (out, _) = finish(child, started).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr {:?}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "stderr {:?}", text(&out.stderr));
     assert_eq!(out.stdout, body.to_vec());
 }
 
@@ -429,9 +422,32 @@ async fn usage_errors_are_one_line_with_exit_2() {
         &["x", "--token-file", t],
         &["x", "--url", "https://localhost"],
         &["--url", "https://localhost", "--token-file", t],
-        &["x", "--url", "https://localhost", "--token-file", t, "--timeout", "-1"],
-        &["x", "--url", "https://localhost", "--token-file", t, "--timeout", "soon"],
-        &["x", "--url", "https://localhost", "--token-file", t, "--bogus"],
+        &[
+            "x",
+            "--url",
+            "https://localhost",
+            "--token-file",
+            t,
+            "--timeout",
+            "-1",
+        ],
+        &[
+            "x",
+            "--url",
+            "https://localhost",
+            "--token-file",
+            t,
+            "--timeout",
+            "soon",
+        ],
+        &[
+            "x",
+            "--url",
+            "https://localhost",
+            "--token-file",
+            t,
+            "--bogus",
+        ],
         &[
             "x",
             "--url",
@@ -528,11 +544,9 @@ async fn fake_server(script: Vec<Scripted>) -> FakeServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = make_certs(dir.path());
     let certs = dir.path().join("certs");
-    let key = callback_receiver::tls::load_certified_key(
-        &certs.join("cert.pem"),
-        &certs.join("key.pem"),
-    )
-    .expect("certificate");
+    let key =
+        callback_receiver::tls::load_certified_key(&certs.join("cert.pem"), &certs.join("key.pem"))
+            .expect("certificate");
     let resolver = Arc::new(callback_receiver::tls::ReloadableCert::new(key));
     let config = callback_receiver::tls::server_config(resolver).expect("server config");
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -556,38 +570,39 @@ async fn fake_server(script: Vec<Scripted>) -> FakeServer {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let header = |name: &str| {
-                            req.headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string()
-                        };
-                        seen.lock().expect("seen").push(Seen {
-                            at: Instant::now(),
-                            target: req.uri().to_string(),
-                            authorization: header("authorization"),
-                            accept: header("accept"),
-                        });
-                        let (status, headers, body) = {
-                            let mut script = script.lock().expect("script");
-                            if script.len() > 1 {
-                                script.pop_front().expect("answer")
-                            } else {
-                                script.front().cloned().expect("answer")
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string()
+                            };
+                            seen.lock().expect("seen").push(Seen {
+                                at: Instant::now(),
+                                target: req.uri().to_string(),
+                                authorization: header("authorization"),
+                                accept: header("accept"),
+                            });
+                            let (status, headers, body) = {
+                                let mut script = script.lock().expect("script");
+                                if script.len() > 1 {
+                                    script.pop_front().expect("answer")
+                                } else {
+                                    script.front().cloned().expect("answer")
+                                }
+                            };
+                            let mut response = Response::new(Full::new(Bytes::from(body)));
+                            *response.status_mut() = StatusCode::from_u16(status).expect("status");
+                            for (name, value) in headers {
+                                response.headers_mut().insert(
+                                    http::header::HeaderName::from_static(name),
+                                    http::HeaderValue::from_static(value),
+                                );
                             }
-                        };
-                        let mut response = Response::new(Full::new(Bytes::from(body)));
-                        *response.status_mut() = StatusCode::from_u16(status).expect("status");
-                        for (name, value) in headers {
-                            response.headers_mut().insert(
-                                http::header::HeaderName::from_static(name),
-                                http::HeaderValue::from_static(value),
-                            );
-                        }
-                        async move { Ok::<_, Infallible>(response) }
-                    });
+                            async move { Ok::<_, Infallible>(response) }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
@@ -635,12 +650,7 @@ async fn busy_and_failing_servers_are_retried_as_they_ask() {
     .await;
     let controlid = "a/b c?é";
     let (out, _) = wait_fake(&server, controlid, &["--timeout", "30"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr {:?}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "stderr {:?}", text(&out.stderr));
     assert_eq!(out.stdout, b"<r>ok</r>");
     let seen = server.seen();
     assert_eq!(seen.len(), 4, "{seen:?}");
@@ -656,8 +666,14 @@ async fn busy_and_failing_servers_are_retried_as_they_ask() {
         assert_eq!(request.authorization, "Bearer fake-token");
         assert_eq!(request.accept, "application/xml");
     }
-    assert!(gap(&seen, 1) >= Duration::from_millis(900), "Retry-After ignored: {seen:?}");
-    assert!(gap(&seen, 3) >= Duration::from_millis(900), "404 retried at once: {seen:?}");
+    assert!(
+        gap(&seen, 1) >= Duration::from_millis(900),
+        "Retry-After ignored: {seen:?}"
+    );
+    assert!(
+        gap(&seen, 3) >= Duration::from_millis(900),
+        "404 retried at once: {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -695,7 +711,12 @@ async fn pending_keeps_waiting_and_json_is_asked_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_exit_2_with_the_reason_and_time_outs_0_ask_once() {
-    let server = fake_server(vec![(400, vec![], "{\"error\":\"wait must be a number\"}\n")]).await;
+    let server = fake_server(vec![(
+        400,
+        vec![],
+        "{\"error\":\"wait must be a number\"}\n",
+    )])
+    .await;
     let (out, _) = wait_fake(&server, "x", &["--timeout", "30"]).await;
     let line = assert_failed("400", &out, 2);
     assert!(line.contains("wait must be a number"), "{line}");
@@ -707,5 +728,8 @@ async fn refusals_exit_2_with_the_reason_and_time_outs_0_ask_once() {
     assert!(line.contains("503"), "{line}");
     let seen = server.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].target, "/pre/v1/responses/x", "no wait= with --timeout 0");
+    assert_eq!(
+        seen[0].target, "/pre/v1/responses/x",
+        "no wait= with --timeout 0"
+    );
 }
