@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::conn_guard::FirstBytes;
 use crate::routes;
 use crate::state::AppState;
 
@@ -34,6 +35,7 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
         .keep_alive(true);
     builder
         .http2()
@@ -121,6 +123,9 @@ async fn serve_connection(
             return;
         }
     };
+    // The first bytes (HTTP/2 preface or HTTP/1.1 request line) must come within the header
+    // timeout: nothing else bounds the protocol detection and the HTTP/2 preface.
+    let tls = FirstBytes::new(tls, state.limits.header_timeout);
     let service = service_fn(move |req| routes::handle(state.clone(), peer, req));
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {

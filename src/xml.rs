@@ -150,8 +150,11 @@ pub enum XmlError {
 ///
 /// The rules, in short:
 ///
-/// - a UTF-8 byte order mark is skipped; a declared encoding other than UTF-8 or US-ASCII is
-///   [`XmlError::Encoding`]; bytes that are not UTF-8 break the document;
+/// - a UTF-8 byte order mark is skipped; a document declaring ISO-8859-1 (Latin-1, or one of
+///   its aliases) is decoded as such, byte by byte; any other declared encoding than UTF-8 or
+///   US-ASCII, a UTF-16 byte order mark, or a Latin-1 declaration after a UTF-8 byte order mark
+///   is [`XmlError::Encoding`]; bytes that are not UTF-8 (in a document not declared Latin-1)
+///   break the document;
 /// - a `<!DOCTYPE` anywhere is [`XmlError::Doctype`]; only the five predefined entities and
 ///   character references are decoded, any other `&name;` breaks the document;
 /// - elements are recognised by their local name along the path from `<response>`; text is
@@ -172,7 +175,34 @@ pub fn extract(body: &[u8]) -> Result<Extracted, XmlError> {
     if rest.iter().all(|&b| is_xml_space(b)) {
         return Err(XmlError::Empty);
     }
+    if rest.starts_with(b"\xFF\xFE") || rest.starts_with(b"\xFE\xFF") {
+        return Err(XmlError::Encoding("UTF-16".to_owned()));
+    }
+    match extract_from(rest, bom, false) {
+        Ok(extracted) => Ok(extracted),
+        Err(Stop::Latin1) if bom > 0 => Err(XmlError::Encoding(
+            "ISO-8859-1 after a UTF-8 byte order mark".to_owned(),
+        )),
+        Err(Stop::Latin1) => {
+            // Every byte is the character of the same number: exact, and it cannot fail.
+            let text: String = rest.iter().map(|&b| char::from(b)).collect();
+            match extract_from(text.as_bytes(), 0, true) {
+                Ok(extracted) => Ok(extracted),
+                Err(Stop::Refused(error)) => Err(error),
+                Err(Stop::Latin1 | Stop::Broken(_)) => {
+                    Err(XmlError::Encoding("ISO-8859-1".to_owned()))
+                }
+            }
+        }
+        Err(Stop::Refused(error)) => Err(error),
+        Err(Stop::Broken(reason)) => Err(XmlError::Malformed(reason)),
+    }
+}
 
+/// One pass over `rest`: UTF-8, or Latin-1 already transcoded to UTF-8 when `latin1` (positions
+/// in messages then count the transcoded bytes). Returns the outcome of a broken document too;
+/// `Err` is a refusal, or [`Stop::Latin1`] when the document turns out to declare Latin-1.
+fn extract_from(rest: &[u8], bom: u64, latin1: bool) -> Result<Extracted, Stop> {
     let mut reader = Reader::from_reader(rest);
     let config = reader.config_mut();
     config.check_end_names = true;
@@ -182,6 +212,7 @@ pub fn extract(body: &[u8]) -> Result<Extracted, XmlError> {
     config.trim_text(false);
 
     let mut extractor = Extractor::new(bom);
+    extractor.latin1 = latin1;
     match extractor.run(&mut reader, rest) {
         Ok(()) => {
             let mut out = extractor.out;
@@ -189,8 +220,8 @@ pub fn extract(body: &[u8]) -> Result<Extracted, XmlError> {
             out.parse_error = None;
             Ok(out)
         }
-        Err(Stop::Refused(error)) => Err(error),
-        Err(Stop::Broken(reason)) => extractor.broken(reason),
+        Err(Stop::Broken(reason)) => extractor.broken(reason).map_err(Stop::Refused),
+        Err(other) => Err(other),
     }
 }
 
@@ -210,6 +241,8 @@ enum Stop {
     Refused(XmlError),
     /// The document broke; what this means depends on whether the controlid was read.
     Broken(String),
+    /// The document declares Latin-1: read it again, transcoded.
+    Latin1,
 }
 
 /// Where the pass stands relative to the root element.
@@ -436,6 +469,8 @@ struct Extractor {
     controlid_read: bool,
     /// Bytes skipped before the reader's input (the BOM), added to reported positions.
     offset: u64,
+    /// Whether the input was transcoded from a document declared Latin-1.
+    latin1: bool,
 }
 
 impl Extractor {
@@ -448,6 +483,7 @@ impl Extractor {
             seen_markup: false,
             controlid_read: false,
             offset,
+            latin1: false,
         }
     }
 
@@ -481,6 +517,15 @@ impl Extractor {
                     }
                     self.seen_markup = true;
                     match decl.encoding() {
+                        Some(Ok(encoding)) if is_latin1(&encoding) => {
+                            if !self.latin1 {
+                                return Err(Stop::Latin1);
+                            }
+                        }
+                        Some(Ok(_)) if self.latin1 => {
+                            // Transcoding changed nothing in the declaration: cannot happen.
+                            return Err(Stop::Latin1);
+                        }
                         Some(Ok(encoding)) if !is_supported_encoding(&encoding) => {
                             return Err(Stop::Refused(XmlError::Encoding(quote(&encoding))));
                         }
@@ -859,6 +904,25 @@ fn is_supported_encoding(encoding: &str) -> bool {
     ["utf-8", "utf8", "us-ascii"]
         .iter()
         .any(|name| encoding.eq_ignore_ascii_case(name))
+}
+
+/// Whether the declared encoding names ISO-8859-1 (its IANA name and aliases).
+fn is_latin1(encoding: &str) -> bool {
+    [
+        "iso-8859-1",
+        "iso8859-1",
+        "iso_8859-1",
+        "iso_8859-1:1987",
+        "latin1",
+        "latin-1",
+        "l1",
+        "ibm819",
+        "cp819",
+        "iso-ir-100",
+        "csisolatin1",
+    ]
+    .iter()
+    .any(|name| encoding.eq_ignore_ascii_case(name))
 }
 
 /// XML white space: space, tab, carriage return and line feed.
@@ -1327,14 +1391,50 @@ mod tests {
     }
 
     #[test]
-    fn non_utf8_encodings_are_refused() {
-        let latin1 = b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><response/>";
-        assert_eq!(
-            extract(latin1),
-            Err(XmlError::Encoding("ISO-8859-1".to_owned()))
-        );
+    fn other_encodings_are_refused() {
         let utf16 = b"<?xml version='1.0' encoding='UTF-16'?><response/>";
         assert_eq!(extract(utf16), Err(XmlError::Encoding("UTF-16".to_owned())));
+        let cp1252 = b"<?xml version='1.0' encoding='windows-1252'?><response/>";
+        assert_eq!(
+            extract(cp1252),
+            Err(XmlError::Encoding("windows-1252".to_owned()))
+        );
+        for bom in [&b"\xFF\xFE"[..], b"\xFE\xFF"] {
+            let mut body = bom.to_vec();
+            body.extend_from_slice(b"<\0r\0");
+            assert_eq!(extract(&body), Err(XmlError::Encoding("UTF-16".to_owned())));
+        }
+        let bom_and_latin1 = b"\xEF\xBB\xBF<?xml version='1.0' encoding='ISO-8859-1'?><response/>";
+        assert!(matches!(
+            extract(bom_and_latin1),
+            Err(XmlError::Encoding(_))
+        ));
+    }
+
+    #[test]
+    fn latin1_is_decoded_exactly() {
+        for label in ["ISO-8859-1", "iso-8859-1", "latin1", "ISO_8859-1", "l1"] {
+            let mut body = format!(
+                "<?xml version=\"1.0\" encoding=\"{label}\"?><response><control>\
+                 <senderid>S</senderid><controlid> "
+            )
+            .into_bytes();
+            // "café-ñ-¤" in Latin-1, then a character reference.
+            body.extend_from_slice(b"caf\xE9-\xF1-\xA4&#x20AC;");
+            body.extend_from_slice(b" </controlid></control><operation><result><status>\xC9</status></result></operation></response>");
+            let extracted = ok(&body);
+            assert_eq!(extracted.controlid, s("café-ñ-¤€"), "{label}");
+            assert_eq!(extracted.results[0].status, s("É"));
+            assert!(extracted.well_formed);
+        }
+        // Bytes that are not UTF-8 are fine in Latin-1; a document that breaks still breaks.
+        let body = b"<?xml version='1.0' encoding='ISO-8859-1'?><response><control><controlid>\xFF\xFE</controlid></control><oops></response>";
+        let (extracted, _) = partial(body, "\u{FF}\u{FE}");
+        assert_eq!(extracted.controlid, s("ÿþ"));
+        let body = b"<?xml version='1.0' encoding='ISO-8859-1'?><response><control><controlid>\xE9";
+        malformed(body);
+        // Without the declaration the same bytes are not UTF-8: refused, never guessed.
+        malformed(b"<response><control><controlid>caf\xE9</controlid></control></response>");
     }
 
     #[test]
