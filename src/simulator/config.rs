@@ -106,13 +106,14 @@ impl ResponseUrl {
             .get(..8)
             .filter(|scheme| scheme.eq_ignore_ascii_case("https://"))
             .map(|_| &text[8..])
-            .ok_or_else(|| "must start with https:// (the gateway posts only over HTTPS)".to_string())?;
+            .ok_or_else(|| {
+                "must start with https:// (the gateway posts only over HTTPS)".to_string()
+            })?;
         let (authority, path) = match rest.find('/') {
             Some(at) => rest.split_at(at),
             None => (rest, "/"),
         };
-        let base =
-            BaseUrl::parse(&format!("https://{authority}")).map_err(|e| e.to_string())?;
+        let base = BaseUrl::parse(&format!("https://{authority}")).map_err(|e| e.to_string())?;
         if rest.contains(['?', '#']) {
             return Err("a query or fragment is not supported".into());
         }
@@ -329,9 +330,10 @@ impl SimConfig {
             None => DEFAULT_LISTEN
                 .parse()
                 .map_err(|_| ctx.nowhere("listen", "invalid default"))?,
-            Some(v) => v.get_ref().parse().map_err(|_| {
-                ctx.at(v, "listen", "not a socket address such as 127.0.0.1:9443")
-            })?,
+            Some(v) => v
+                .get_ref()
+                .parse()
+                .map_err(|_| ctx.at(v, "listen", "not a socket address such as 127.0.0.1:9443"))?,
         };
         let delay = Duration::from_millis(ctx.int(
             &file.delay_ms,
@@ -570,7 +572,10 @@ malformed = true
         assert!(dev.serialize);
         assert_eq!(dev.response_url.path, "/callback/dev");
         assert_eq!(dev.response_url.base.port(), 8443);
-        assert_eq!(dev.response_url.to_string(), "https://localhost:8443/callback/dev");
+        assert_eq!(
+            dev.response_url.to_string(),
+            "https://localhost:8443/callback/dev"
+        );
         assert_eq!(dev.credentials.as_ref().map(|c| c.0.as_str()), Some("dev"));
         assert!(!c.policies[1].serialize);
         assert!(c.policies[1].credentials.is_none());
@@ -586,8 +591,9 @@ malformed = true
 
     #[test]
     fn unknown_keys_are_errors_with_their_line() {
-        let err = error("\n[[policy]]\nid = \"a\"\nresponse_url = \"https://h/\"\nserialise = true\n");
-        assert!(err.contains("sim.toml:14"), "{err}");
+        let err =
+            error("\n[[policy]]\nid = \"a\"\nresponse_url = \"https://h/\"\nserialise = true\n");
+        assert!(err.contains("sim.toml:13"), "{err}");
         assert!(err.contains("serialise"), "{err}");
         let err = error("[[fault]]\nduplicates = 1\n");
         assert!(err.contains("duplicates"), "{err}");

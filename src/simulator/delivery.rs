@@ -218,7 +218,10 @@ impl Dispatcher {
 }
 
 /// Runs `work` until it ends or `stop` becomes `true`.
-async fn until_stopped(mut stop: watch::Receiver<bool>, work: impl std::future::Future<Output = ()>) {
+async fn until_stopped(
+    mut stop: watch::Receiver<bool>,
+    work: impl std::future::Future<Output = ()>,
+) {
     tokio::select! {
         () = work => {}
         _ = stop.wait_for(|stopped| *stopped) => {}
@@ -227,10 +230,7 @@ async fn until_stopped(mut stop: watch::Receiver<bool>, work: impl std::future::
 
 fn target(policy: &SimPolicy) -> Target {
     let mut headers = vec![
-        (
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/xml"),
-        ),
+        (CONTENT_TYPE, HeaderValue::from_static("application/xml")),
         (
             USER_AGENT,
             HeaderValue::from_static(concat!(
@@ -306,6 +306,9 @@ impl Worker {
                         "response delivered"
                     );
                     return;
+                }
+                Ok(answer) if answer.status == http::StatusCode::UNAUTHORIZED => {
+                    "answered 401: the Response URL refused the policy's user and password".into()
                 }
                 Ok(answer) => format!("answered {}", answer.status.as_u16()),
                 Err(e) => e.to_string(),
@@ -413,6 +416,9 @@ mod tests {
             credentials: None,
             ..policy
         };
-        assert!(!target(&open).headers.iter().any(|(n, _)| n == AUTHORIZATION));
+        assert!(!target(&open)
+            .headers
+            .iter()
+            .any(|(n, _)| n == AUTHORIZATION));
     }
 }

@@ -130,7 +130,7 @@ pub struct ParseError {
     /// Why, on one line.
     pub reason: String,
     /// What was read of the control block.
-    pub control: RequestControl,
+    pub control: Box<RequestControl>,
 }
 
 /// Turns the request body into text: `xmlrequest=` of a form post or the raw body, UTF-8 or
@@ -235,13 +235,15 @@ fn field_at(path: &[String]) -> Option<Field> {
             _ => return None,
         })),
         ["request", "operation", "authentication", "sessionid"] => Some(Field::SessionId),
-        ["request", "operation", "authentication", "login", name] => Some(Field::Login(match *name {
-            "userid" => LoginField::UserId,
-            "companyid" => LoginField::CompanyId,
-            "password" => LoginField::Password,
-            "locationid" => LoginField::LocationId,
-            _ => return None,
-        })),
+        ["request", "operation", "authentication", "login", name] => {
+            Some(Field::Login(match *name {
+                "userid" => LoginField::UserId,
+                "companyid" => LoginField::CompanyId,
+                "password" => LoginField::Password,
+                "locationid" => LoginField::LocationId,
+                _ => return None,
+            }))
+        }
         ["request", "operation", "content", "function", _, "object"] => Some(Field::Object),
         ["request", "operation", "content", "function", _, "keys"] => Some(Field::Keys),
         _ => None,
@@ -272,7 +274,7 @@ pub fn parse_request(text: &str) -> Result<ParsedRequest, ParseError> {
         Ok(()) => Ok(state.out),
         Err(reason) => Err(ParseError {
             reason,
-            control: state.out.control,
+            control: Box::new(state.out.control),
         }),
     }
 }
@@ -386,13 +388,13 @@ impl RequestReader {
                     }
                 }
             }
-            ["request", "operation", "content", "function", _, child] => {
-                if !matches!(*child, "object" | "keys" | "fields" | "query" | "pagesize") {
-                    let child = child.to_string();
-                    if let Some(function) = self.current_function() {
-                        function.records += 1;
-                        function.record.get_or_insert(child);
-                    }
+            ["request", "operation", "content", "function", _, child]
+                if !matches!(*child, "object" | "keys" | "fields" | "query" | "pagesize") =>
+            {
+                let child = child.to_string();
+                if let Some(function) = self.current_function() {
+                    function.records += 1;
+                    function.record.get_or_insert(child);
                 }
             }
             _ => {}
@@ -578,6 +580,8 @@ struct XmlOut {
     buf: String,
     indent: bool,
     depth: usize,
+    /// Whether the root element was started (white space goes only between elements).
+    started: bool,
 }
 
 impl XmlOut {
@@ -586,11 +590,14 @@ impl XmlOut {
             buf: String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"),
             indent,
             depth: 0,
+            started: false,
         }
     }
 
     fn newline(&mut self) {
-        if self.indent && self.depth > 0 {
+        if !self.started {
+            self.started = true;
+        } else if self.indent {
             self.buf.push('\n');
             for _ in 0..self.depth {
                 self.buf.push_str("    ");
@@ -703,6 +710,14 @@ struct Session {
     userid: String,
     companyid: String,
     locationid: String,
+}
+
+/// A failed sign-in: what the authentication block echoes, and the error.
+#[derive(Debug)]
+struct SignInFailure {
+    userid: String,
+    companyid: String,
+    error: GatewayError,
 }
 
 /// The faults that apply to one request.
@@ -900,8 +915,9 @@ impl Gateway {
     }
 
     /// Signs in: the session of a valid login or known session id, or the failure.
-    fn sign_in(&self, auth: &RequestAuth) -> Result<Session, (String, String, GatewayError)> {
-        let bad_sign_in = || GatewayError::new("XL03000006", "", "Sign-in information is incorrect", "");
+    fn sign_in(&self, auth: &RequestAuth) -> Result<Session, Box<SignInFailure>> {
+        let bad_sign_in =
+            || GatewayError::new("XL03000006", "", "Sign-in information is incorrect", "");
         match auth {
             RequestAuth::Login {
                 userid,
@@ -925,7 +941,11 @@ impl Gateway {
                         companyid: login.company.clone(),
                         locationid: locationid.clone().unwrap_or_default(),
                     }),
-                    None => Err((userid.clone(), companyid.clone(), bad_sign_in())),
+                    None => Err(Box::new(SignInFailure {
+                        userid: userid.clone(),
+                        companyid: companyid.clone(),
+                        error: bad_sign_in(),
+                    })),
                 }
             }
             RequestAuth::Session(id) => {
@@ -934,19 +954,23 @@ impl Gateway {
                     Err(poisoned) => poisoned.into_inner(),
                 };
                 sessions.get(id.expose()).cloned().ok_or_else(|| {
-                    (
-                        String::new(),
-                        String::new(),
-                        GatewayError::new(
+                    Box::new(SignInFailure {
+                        userid: String::new(),
+                        companyid: String::new(),
+                        error: GatewayError::new(
                             "XL03000006",
                             "",
                             "Invalid session: sign in again (the simulator forgets sessions when it restarts)",
                             "",
                         ),
-                    )
+                    })
                 })
             }
-            RequestAuth::Missing => Err((String::new(), String::new(), bad_sign_in())),
+            RequestAuth::Missing => Err(Box::new(SignInFailure {
+                userid: String::new(),
+                companyid: String::new(),
+                error: bad_sign_in(),
+            })),
         }
     }
 
@@ -987,7 +1011,12 @@ impl Gateway {
         write_control(&mut x, "success", control);
         x.open("operation", &[]);
         match self.sign_in(&operation.authentication) {
-            Err((userid, companyid, error)) => {
+            Err(failure) => {
+                let SignInFailure {
+                    userid,
+                    companyid,
+                    error,
+                } = *failure;
                 x.open("authentication", &[]);
                 x.leaf("status", "failure");
                 x.leaf("userid", &userid);
@@ -1377,7 +1406,9 @@ duplicate = 2
         assert!(c.indent());
         let op = parsed.operation.expect("operation");
         assert!(!op.transaction);
-        assert!(matches!(op.authentication, RequestAuth::Login { ref companyid, .. } if companyid == "acme"));
+        assert!(
+            matches!(op.authentication, RequestAuth::Login { ref companyid, .. } if companyid == "acme")
+        );
         assert_eq!(op.functions.len(), 2);
         assert_eq!(op.functions[0].controlid.as_deref(), Some("a&b"));
         assert_eq!(op.functions[0].name.as_deref(), Some("create"));
@@ -1406,21 +1437,33 @@ duplicate = 2
         let auth = x.authentication.expect("authentication");
         assert_eq!(auth.status.as_deref(), Some("success"));
         assert_eq!(auth.companyid.as_deref(), Some("ACME"));
-        assert_eq!(auth.sessiontimestamp.as_deref(), Some("1970-01-01T00:00:00+00:00"));
+        assert_eq!(
+            auth.sessiontimestamp.as_deref(),
+            Some("1970-01-01T00:00:00+00:00")
+        );
         assert_eq!(x.results.len(), 3);
         let data = x.results[0].data.as_ref().expect("data");
         assert_eq!(data.listtype.as_deref(), Some("vendor"));
         assert_eq!(data.count.as_deref(), Some("0"));
         assert_eq!(data.totalcount.as_deref(), Some("0"));
         assert_eq!(data.numremaining.as_deref(), Some("0"));
-        assert_eq!(x.results[1].data.as_ref().and_then(|d| d.listtype.as_deref()), Some("objects"));
+        assert_eq!(
+            x.results[1]
+                .data
+                .as_ref()
+                .and_then(|d| d.listtype.as_deref()),
+            Some("objects")
+        );
         assert!(body.contains("<vendor><RECORDNO>"), "{body}");
         assert!(body.contains("<endpoint>https://localhost:9443/ia/xml/xmlgw.phtml</endpoint>"));
         for (result, cid) in x.results.iter().zip(["f-1", "f-2", "f-3"]) {
             assert_eq!(result.controlid.as_deref(), Some(cid));
             assert_eq!(result.status.as_deref(), Some("success"));
         }
-        assert!(!body.contains("\n  "), "compact unless includewhitespace: {body}");
+        assert!(
+            !body.contains("\n  "),
+            "compact unless includewhitespace: {body}"
+        );
     }
 
     #[test]
@@ -1443,7 +1486,10 @@ duplicate = 2
         assert_eq!(auth.userid.as_deref(), Some("xml_gateway"));
         let unknown = with_session.replace(session, "nope..");
         let x = extract(answer(handle(&gw, &unknown)).as_bytes()).expect("response");
-        assert_eq!(x.authentication.and_then(|a| a.status).as_deref(), Some("failure"));
+        assert_eq!(
+            x.authentication.and_then(|a| a.status).as_deref(),
+            Some("failure")
+        );
         assert!(x.results.is_empty());
     }
 
@@ -1468,17 +1514,44 @@ duplicate = 2
     fn control_level_failures_have_the_gateway_shape() {
         let gw = gateway();
         let cases = [
-            (request("", READ_BY_QUERY).replace("sender-pass", "bad"), "Incorrect Intacct XML Partner ID or password."),
-            (request("<policyid>nope</policyid>", READ_BY_QUERY), "nope is not a valid transport policy."),
-            (request("", READ_BY_QUERY).replace("3.0", "4.0"), "XML Parse schema error: <dtdversion>"),
-            (request("", READ_BY_QUERY).replace("req-1", ""), "XML Parse schema error: <control><controlid>"),
-            (request("", READ_BY_QUERY).replace("req-1", &"x".repeat(257)), "not 257"),
-            (request("", READ_BY_QUERY).replace("</content>", ""), "XML Parse schema error: "),
-            ("<!DOCTYPE r [<!ENTITY x \"y\">]><request/>".to_string(), "document type declarations"),
+            (
+                request("", READ_BY_QUERY).replace("sender-pass", "bad"),
+                "Incorrect Intacct XML Partner ID or password.",
+            ),
+            (
+                request("<policyid>nope</policyid>", READ_BY_QUERY),
+                "nope is not a valid transport policy.",
+            ),
+            (
+                request("", READ_BY_QUERY).replace("3.0", "4.0"),
+                "XML Parse schema error: <dtdversion>",
+            ),
+            (
+                request("", READ_BY_QUERY).replace("req-1", ""),
+                "XML Parse schema error: <control><controlid>",
+            ),
+            (
+                request("", READ_BY_QUERY).replace("req-1", &"x".repeat(257)),
+                "not 257",
+            ),
+            (
+                request("", READ_BY_QUERY).replace("</content>", ""),
+                "XML Parse schema error: ",
+            ),
+            (
+                "<!DOCTYPE r [<!ENTITY x \"y\">]><request/>".to_string(),
+                "document type declarations",
+            ),
             ("<response/>".to_string(), "expected <request>"),
             ("not xml".to_string(), "XML Parse schema error"),
-            (request("", "<function><readByQuery/></function>"), "<function controlid"),
-            (request("", READ_BY_QUERY).replace("VENDOR", "&bogus;"), "unknown entity"),
+            (
+                request("", "<function><readByQuery/></function>"),
+                "<function controlid",
+            ),
+            (
+                request("", READ_BY_QUERY).replace("VENDOR", "&bogus;"),
+                "unknown entity",
+            ),
         ];
         for (text, needle) in cases {
             let body = answer(handle(&gw, &text));
@@ -1489,7 +1562,11 @@ duplicate = 2
                 }
                 Err(e) => panic!("{e}: {body}"),
             };
-            assert_eq!(x.control.and_then(|c| c.status).as_deref(), Some("failure"), "{body}");
+            assert_eq!(
+                x.control.and_then(|c| c.status).as_deref(),
+                Some("failure"),
+                "{body}"
+            );
             assert!(x.authentication.is_none(), "{body}");
             let d2 = x.errors[0].description2.clone().unwrap_or_default();
             assert!(d2.contains(needle), "{needle:?} not in {body}");
@@ -1503,10 +1580,20 @@ duplicate = 2
             .replace("req-1", "a&lt;b&amp;\"c\"")
             .replace("</content>", "</contnt>");
         let body = answer(handle(&gw, &text));
-        assert!(body.contains("<controlid>a&lt;b&amp;&quot;c&quot;</controlid>"), "{body}");
+        assert!(
+            body.contains("<controlid>a&lt;b&amp;&quot;c&quot;</controlid>"),
+            "{body}"
+        );
         let x = extract(body.as_bytes()).expect("response");
         assert_eq!(x.controlid.as_deref(), Some("a<b&\"c\""));
-        assert!(x.errors[0].description2.as_deref().unwrap_or("").contains("mismatch"), "{body}");
+        assert!(
+            x.errors[0]
+                .description2
+                .as_deref()
+                .unwrap_or("")
+                .contains("</contnt>"),
+            "{body}"
+        );
     }
 
     #[test]
@@ -1545,14 +1632,20 @@ duplicate = 2
     #[test]
     fn asynchronous_requests_over_500k_characters_are_refused() {
         let gw = gateway();
-        let base = request("<policyid>dev</policyid>", "<function controlid=\"c\"><create><VENDOR><NAME>X</NAME></VENDOR></create></function>");
+        let base = request(
+            "<policyid>dev</policyid>",
+            "<function controlid=\"c\"><create><VENDOR><NAME>X</NAME></VENDOR></create></function>",
+        );
         let room = MAX_ASYNC_REQUEST_CHARS - base.chars().count();
         // Multi-byte characters count once: the limit is in characters, not bytes.
         let fits = base.replace(">X<", &format!(">{}<", "é".repeat(room + 1)));
         assert!(matches!(handle(&gw, &fits), Outcome::Queued { .. }));
         let over = base.replace(">X<", &format!(">{}<", "é".repeat(room + 2)));
         let body = answer(handle(&gw, &over));
-        assert!(body.contains("<status>failure</status>") && body.contains("500000"), "{body}");
+        assert!(
+            body.contains("<status>failure</status>") && body.contains("500000"),
+            "{body}"
+        );
         // A synchronous request of the same size is answered.
         let sync = over.replace("<policyid>dev</policyid>", "");
         assert!(answer(handle(&gw, &sync)).contains("<function>create</function>"));
@@ -1568,12 +1661,18 @@ duplicate = 2
         let x = extract(answer(handle(&gw, &text)).as_bytes()).expect("response");
         assert_eq!(x.results[0].status.as_deref(), Some("success"));
         assert_eq!(x.results[1].status.as_deref(), Some("failure"));
-        assert_eq!(x.results[1].errors[0].errorno.as_deref(), Some("BL34000061"));
+        assert_eq!(
+            x.results[1].errors[0].errorno.as_deref(),
+            Some("BL34000061")
+        );
         assert_eq!(x.results[1].errors.len(), 2);
         let text = text.replace("transaction=\"false\"", "transaction=\"true\"");
         let x = extract(answer(handle(&gw, &text)).as_bytes()).expect("response");
         assert_eq!(x.results[0].status.as_deref(), Some("aborted"));
-        assert_eq!(x.results[0].errors[0].errorno.as_deref(), Some("XL03000009"));
+        assert_eq!(
+            x.results[0].errors[0].errorno.as_deref(),
+            Some("XL03000009")
+        );
         assert_eq!(x.results[1].status.as_deref(), Some("failure"));
     }
 
@@ -1607,7 +1706,10 @@ duplicate = 2
         assert!(body.contains("listtype=\"vendör\""), "{body}");
         let body = answer(gw.handle(b"nothing=here", true, "e", OffsetDateTime::UNIX_EPOCH));
         assert!(body.contains("xmlrequest"), "{body}");
-        assert_eq!(decode_body(b"<?xml version='1.0' encoding='UTF-16'?><r/>", false).expect_err("utf-16"), "unsupported encoding \"utf-16\": send UTF-8");
+        assert_eq!(
+            decode_body(b"<?xml version='1.0' encoding='UTF-16'?><r/>", false).expect_err("utf-16"),
+            "unsupported encoding \"utf-16\": send UTF-8"
+        );
     }
 
     #[test]

@@ -116,6 +116,17 @@ impl Simulator {
         };
         let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
+        for policy in &config.policies {
+            if let Some((_, password)) = &policy.credentials {
+                if password.expose().contains("PASTE-") {
+                    tracing::warn!(
+                        policy = %policy.id,
+                        "the policy's password is still the placeholder of the example file; \
+                         its deliveries will be refused with 401"
+                    );
+                }
+            }
+        }
         let (stop, stopped) = watch::channel(false);
         let dispatcher = Dispatcher::start(client, &config.policies, config.max_attempts, stopped);
         let shared = Arc::new(Shared {
@@ -212,7 +223,10 @@ impl Simulator {
         }
         let pending = self.shared.dispatcher.stats().snapshot().pending();
         if pending > 0 {
-            tracing::warn!(pending, "stopping with responses not yet delivered; they are dropped");
+            tracing::warn!(
+                pending,
+                "stopping with responses not yet delivered; they are dropped"
+            );
         }
         let _ = self.stop.send(true);
     }
@@ -276,7 +290,10 @@ async fn handle(
         ));
     }
     if req.method() != Method::POST {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use POST");
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use POST",
+        );
         response
             .headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
@@ -368,4 +385,166 @@ fn too_large() -> Response<Full<Bytes>> {
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("request body larger than {MAX_BODY_BYTES} bytes"),
     )
+}
+
+/// A sample request for the banner and the README: `readByQuery` of vendors, sent through
+/// `policy` when given (asynchronous) or answered at once.
+pub fn sample_request(
+    sender: (&str, &str),
+    login: (&str, &str, &str),
+    policy: Option<&str>,
+    controlid: &str,
+) -> String {
+    use quick_xml::escape::escape;
+    let policy = policy
+        .map(|p| format!("\n    <policyid>{}</policyid>", escape(p)))
+        .unwrap_or_default();
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<request>
+  <control>
+    <senderid>{}</senderid>
+    <password>{}</password>
+    <controlid>{}</controlid>
+    <uniqueid>false</uniqueid>
+    <dtdversion>3.0</dtdversion>{policy}
+    <includewhitespace>true</includewhitespace>
+  </control>
+  <operation>
+    <authentication>
+      <login>
+        <userid>{}</userid>
+        <companyid>{}</companyid>
+        <password>{}</password>
+      </login>
+    </authentication>
+    <content>
+      <function controlid="read-vendors">
+        <readByQuery>
+          <object>VENDOR</object>
+          <fields>*</fields>
+          <query></query>
+          <pagesize>100</pagesize>
+        </readByQuery>
+      </function>
+    </content>
+  </operation>
+</request>"#,
+        escape(sender.0),
+        escape(sender.1),
+        escape(controlid),
+        escape(login.1),
+        escape(login.0),
+        escape(login.2),
+    )
+}
+
+/// The start-up banner of `simulate-gateway`: the endpoint, what the configuration accepts, and
+/// a ready-to-paste `curl` command. It shows the simulator's sender and user passwords (test
+/// credentials of this file), never a policy's HTTP Password.
+pub fn banner(config: &SimConfig, endpoint: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nSage Intacct XML gateway simulator (for local tests only)\n"
+    );
+    let _ = writeln!(out, "  Endpoint URL   {endpoint}");
+    let _ = writeln!(
+        out,
+        "  Senders        {}",
+        config
+            .senders
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for login in &config.logins {
+        let _ = writeln!(
+            out,
+            "  Login          company {}, user {}",
+            login.company, login.user
+        );
+    }
+    for policy in &config.policies {
+        let _ = writeln!(
+            out,
+            "  Policy         {} -> {}{}",
+            policy.id,
+            policy.response_url,
+            if policy.serialize {
+                " (serialized)"
+            } else {
+                ""
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  Delivery       after {} ms, up to {} attempts",
+        config.delay.as_millis(),
+        config.max_attempts
+    );
+    if !config.faults.is_empty() {
+        let _ = writeln!(out, "  Fault rules    {}", config.faults.len());
+    }
+    if let (Some(sender), Some(login)) = (config.senders.first(), config.logins.first()) {
+        let policy = config.policies.first().map(|p| p.id.as_str());
+        let request = sample_request(
+            (&sender.id, sender.password.expose()),
+            (&login.company, &login.user, login.password.expose()),
+            policy,
+            "hello-sim-1",
+        );
+        let cacert = config
+            .ca_file
+            .as_ref()
+            .map(|ca| format!("--cacert {} ", ca.display()))
+            .unwrap_or_default();
+        let what = if policy.is_some() {
+            "an asynchronous request (answered with an acknowledgement; the response is posted to the policy's Response URL)"
+        } else {
+            "a request"
+        };
+        let _ = writeln!(
+            out,
+            "\nSend {what}:\n\n  curl {cacert}-H 'Content-Type: application/xml' --data-binary @- {endpoint} <<'EOF'\n{request}\nEOF"
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_has_a_request_that_the_gateway_accepts() {
+        let config = SimConfig::from_toml(
+            "ca_file = \"ca.pem\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n[[sender]]\nid = \"s<1>\"\npassword = \"sp\"\n\
+             [[login]]\ncompany = \"C\"\nuser = \"u\"\npassword = \"up\"\n\
+             [[policy]]\nid = \"dev\"\nresponse_url = \"https://localhost:8443/callback/dev\"\nuser = \"dev\"\npassword = \"policy-secret\"\n",
+            "t",
+            std::path::Path::new("/x"),
+        )
+        .expect("config");
+        let text = banner(&config, "https://localhost:9443/ia/xml/xmlgw.phtml");
+        assert!(text.contains("--cacert /x/ca.pem"), "{text}");
+        assert!(
+            text.contains("dev -> https://localhost:8443/callback/dev"),
+            "{text}"
+        );
+        assert!(!text.contains("policy-secret"), "{text}");
+        let start = text.find("<?xml").expect("request");
+        let end = text.find("</request>").expect("end") + "</request>".len();
+        let gateway = Gateway::new(&config);
+        let outcome = gateway.handle(
+            &text.as_bytes()[start..end],
+            false,
+            "e",
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        assert!(matches!(outcome, Outcome::Queued { .. }), "{outcome:?}");
+    }
 }
