@@ -20,12 +20,12 @@ pub enum AppError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The store cannot be opened or closed.
-    #[error("data_dir {path}: {source}")]
+    #[error("data_dir {path}: {error}")]
     Store {
         /// The data directory.
         path: String,
         /// The store's error.
-        source: crate::store::StoreError,
+        error: crate::store::StoreError,
     },
     /// The listener cannot be bound.
     #[error("listen {addr}: {reason}")]
@@ -70,17 +70,20 @@ impl Application {
         let acceptor = TlsAcceptor::from(tls::server_config(cert.clone())?);
 
         let data_dir = config.data_dir.clone();
-        let store =
-            tokio::task::spawn_blocking(move || SledStore::open(&data_dir, SledOptions::default()))
-                .await
-                .map_err(|e| AppError::Store {
-                    path: config.data_dir.display().to_string(),
-                    source: crate::store::StoreError::Io(e.to_string()),
-                })?
-                .map_err(|source| AppError::Store {
-                    path: config.data_dir.display().to_string(),
-                    source,
-                })?;
+        let options = SledOptions {
+            reserve_bytes: config.min_free_disk_bytes,
+            ..SledOptions::default()
+        };
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&data_dir, options))
+            .await
+            .map_err(|e| AppError::Store {
+                path: config.data_dir.display().to_string(),
+                error: crate::store::StoreError::Io(e.to_string()),
+            })?
+            .map_err(|error| AppError::Store {
+                path: config.data_dir.display().to_string(),
+                error,
+            })?;
         let store = Arc::new(store);
 
         let listener = TcpListener::bind(config.listen)
@@ -101,6 +104,10 @@ impl Application {
             config.limits.clone(),
             clock,
         ));
+        state.metrics.set_token(config.metrics_token.clone());
+        if let Some(leaf) = cert.current().cert.first() {
+            state.metrics.set_certificate(leaf);
+        }
         Ok(Self {
             listener,
             local_addr,
@@ -138,9 +145,9 @@ impl Application {
         ));
         server::run(self.listener, self.acceptor, self.state.clone(), shutdown).await;
         retention.abort();
-        self.store.close().await.map_err(|source| AppError::Store {
+        self.store.close().await.map_err(|error| AppError::Store {
             path: "store".into(),
-            source,
+            error,
         })?;
         tracing::info!("store flushed and closed");
         Ok(())

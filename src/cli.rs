@@ -44,6 +44,25 @@ pub enum Command {
     },
     /// Read a secret on stdin and print its argon2id hash for `password_hash` / `token_hash`.
     HashPassword,
+    /// Write every delivery, quarantined body and expectation of a stopped service to a backup
+    /// file (JSON lines, bodies in base64).
+    Export {
+        /// The configuration file (its data_dir is exported).
+        #[arg(long, env = "CALLBACK_RECEIVER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file to write ("-" for stdout); written to FILE.partial, then renamed.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Restore a backup written by `export` into the empty data_dir of a stopped service.
+    Import {
+        /// The configuration file (the backup goes into its data_dir).
+        #[arg(long, env = "CALLBACK_RECEIVER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file to read.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+    },
     /// Wait for the response to CONTROLID and print it (raw XML, or the JSON summary).
     ///
     /// Long-polls GET {BASE_URL}/v1/responses/{CONTROLID}?wait=S with the poller's bearer token,
@@ -52,6 +71,15 @@ pub enum Command {
     /// are one line on stderr. For shell scripts and cron jobs.
     #[command(after_help = WAIT_AFTER_HELP)]
     Wait(WaitArgs),
+    /// Run a local simulator of the Sage Intacct XML gateway, for trying the whole flow.
+    ///
+    /// Serves POST /ia/xml/xmlgw.phtml over HTTPS: answers requests at once, or acknowledges
+    /// requests that name a transport policy and posts their responses to its Response URL.
+    SimulateGateway {
+        /// The simulator's configuration file (see deploy/simulator.example.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 /// The exit codes of `wait`, shown under its `--help`.
@@ -118,13 +146,27 @@ pub fn main() -> ExitCode {
         Command::Serve { config } => serve(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
+        Command::Export { config, out } => backup_report(crate::backup::export(&config, &out)),
+        Command::Import { config, input } => backup_report(crate::backup::import(&config, &input)),
         Command::Wait(args) => wait(args),
+        Command::SimulateGateway { config } => simulate_gateway(&config),
     }
 }
 
 fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {error}");
     ExitCode::from(code)
+}
+
+/// The end of `export` and `import`: the summary (or the error) on one stderr line.
+fn backup_report(result: Result<String, crate::backup::BackupError>) -> ExitCode {
+    match result {
+        Ok(summary) => {
+            eprintln!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.exit_code(), e),
+    }
 }
 
 fn check_config(path: &Path) -> ExitCode {
@@ -179,7 +221,8 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
             }
         }
     };
-    telemetry::init(config.log_format);
+    crate::metrics::mark_process_start();
+    telemetry::init_with(config.log_format, config.log_timestamps);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -187,19 +230,24 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("starting the runtime: {e}")),
     };
-    match runtime.block_on(run(config, dev)) {
+    match runtime.block_on(run(config, dev, config_path.map(Path::to_path_buf))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, format!("{e:#}")),
     }
 }
 
-async fn run(config: Config, dev: Option<DevSecrets>) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    dev: Option<DevSecrets>,
+    config_path: Option<PathBuf>,
+) -> anyhow::Result<()> {
     tracing::info!(config = %config.summary(), "starting");
     for policy in &config.access.policies {
         if policy.credentials.is_none() {
             tracing::warn!(policy = %policy.id, "policy has no credentials: anyone can post to it");
         }
     }
+    let running = config.clone();
     let app = Application::build(config)
         .await
         .context("start-up failed")?;
@@ -208,7 +256,10 @@ async fn run(config: Config, dev: Option<DevSecrets>) -> anyhow::Result<()> {
     if let Some(dev) = &dev {
         print_dev_banner(addr, dev);
     }
-    app.run_until(shutdown_signal()).await?;
+    // SIGHUP reloads, systemd's READY=1 and watchdog from here on; STOPPING=1 at shutdown.
+    let lifecycle = crate::reload::Lifecycle::start(config_path, running, &app)
+        .context("installing the SIGHUP handler")?;
+    app.run_until(lifecycle.until(shutdown_signal())).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -548,6 +599,41 @@ fn next_backoff(backoff: &mut Duration) -> Duration {
     let pause = *backoff;
     *backoff = (*backoff * 2).min(WAIT_BACKOFF_MAX);
     pause
+}
+
+// ---------------------------------------------------------------------------------------------
+// `simulate-gateway`: the local gateway simulator.
+
+fn simulate_gateway(path: &Path) -> ExitCode {
+    use crate::simulator::{banner, SimConfig, Simulator};
+    let config = match SimConfig::from_file(path) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("starting the runtime: {e}")),
+    };
+    let run = async {
+        tracing::info!(config = %config.summary(), "starting the gateway simulator");
+        let simulator = Simulator::build(config.clone())
+            .await
+            .context("start-up failed")?;
+        tracing::info!(addr = %simulator.local_addr(), "listening");
+        println!("{}", banner(&config, &simulator.endpoint_url()));
+        let _ = std::io::stdout().flush();
+        simulator.run_until(shutdown_signal()).await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    };
+    match runtime.block_on(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, format!("{e:#}")),
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Largest accepted callback body.
     pub max_body_bytes: u64,
+    /// Free space the data directory keeps: writes that would eat into it get `503`.
+    pub min_free_disk_bytes: u64,
     /// Deliveries older than this are purged.
     pub retention_days: u32,
     /// How often the retention purge runs.
@@ -44,6 +46,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Policies and pollers (the part a reload replaces).
     pub access: Access,
+    /// The bearer token `/metrics` requires (`metrics_token` or `metrics_token_hash`); `None`
+    /// leaves `/metrics` open.
+    pub metrics_token: Option<Credential>,
+    /// Whether text logs carry timestamps; `None` decides by itself (not under journald).
+    pub log_timestamps: Option<bool>,
 }
 
 /// Certificate chain and key files.
@@ -76,6 +83,10 @@ pub struct Limits {
     pub h2_max_concurrent_streams: u32,
     /// Largest request header block (HTTP/1.1 buffer and HTTP/2 header list).
     pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request.
+    pub max_headers: usize,
+    /// Failed authentications allowed per minute and client address before `429`; `0` disables.
+    pub auth_failure_limit_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -90,6 +101,8 @@ impl Default for Limits {
             max_waiting_pollers: 10_000,
             h2_max_concurrent_streams: 100,
             max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            auth_failure_limit_per_minute: 20,
         }
     }
 }
@@ -194,6 +207,7 @@ mod raw {
         pub listen: Spanned<String>,
         pub data_dir: Spanned<String>,
         pub max_body_bytes: Option<Spanned<i64>>,
+        pub min_free_disk_bytes: Option<Spanned<i64>>,
         pub retention_days: Option<Spanned<i64>>,
         pub purge_interval_seconds: Option<Spanned<i64>>,
         pub header_timeout_seconds: Option<Spanned<i64>>,
@@ -205,7 +219,12 @@ mod raw {
         pub max_waiting_pollers: Option<Spanned<i64>>,
         pub h2_max_concurrent_streams: Option<Spanned<i64>>,
         pub max_header_bytes: Option<Spanned<i64>>,
+        pub max_headers: Option<Spanned<i64>>,
+        pub auth_failure_limit_per_minute: Option<Spanned<i64>>,
         pub log_format: Option<LogFormat>,
+        pub log_timestamps: Option<bool>,
+        pub metrics_token: Option<Spanned<String>>,
+        pub metrics_token_hash: Option<Spanned<String>>,
         pub tls: Tls,
         #[serde(default)]
         pub policy: Vec<Spanned<Policy>>,
@@ -392,6 +411,29 @@ impl Config {
                 defaults.max_header_bytes as u64,
                 16 * 1024 * 1024,
             )? as usize,
+            max_headers: ctx.positive(
+                &file.max_headers,
+                "max_headers",
+                defaults.max_headers as u64,
+                10_000,
+            )? as usize,
+            auth_failure_limit_per_minute: match &file.auth_failure_limit_per_minute {
+                // 0 turns the limiter off, so this one is not `positive`.
+                Some(v) if *v.get_ref() == 0 => 0,
+                Some(v) if *v.get_ref() < 0 => {
+                    return Err(ctx.at(
+                        v,
+                        "auth_failure_limit_per_minute",
+                        "must be between 0 and 1000000",
+                    ))
+                }
+                other => ctx.positive(
+                    other,
+                    "auth_failure_limit_per_minute",
+                    u64::from(defaults.auth_failure_limit_per_minute),
+                    1_000_000,
+                )? as u32,
+            },
         };
         if limits.max_header_bytes < 8192 {
             return Err(ctx.invalid(
@@ -406,6 +448,12 @@ impl Config {
             64 * 1024 * 1024,
             4 * 1024 * 1024 * 1024,
         )?;
+        let min_free_disk_bytes = ctx.positive(
+            &file.min_free_disk_bytes,
+            "min_free_disk_bytes",
+            crate::store::DEFAULT_RESERVE_BYTES,
+            1 << 50,
+        )?;
         let retention_days =
             ctx.positive(&file.retention_days, "retention_days", 30, 36_500)? as u32;
         let purge_interval = Duration::from_secs(ctx.positive(
@@ -416,11 +464,14 @@ impl Config {
         )?);
 
         let access = validate_access(&ctx, &file.policy, &file.poller)?;
+        let metrics_token =
+            metrics_credential(&ctx, &file.metrics_token, &file.metrics_token_hash)?;
 
         Ok(Config {
             listen,
             data_dir: resolve(file.data_dir.get_ref()),
             max_body_bytes,
+            min_free_disk_bytes,
             retention_days,
             purge_interval,
             tls: TlsFiles {
@@ -430,6 +481,8 @@ impl Config {
             limits,
             log_format: file.log_format.unwrap_or(LogFormat::Text),
             access,
+            metrics_token,
+            log_timestamps: file.log_timestamps,
         })
     }
 
@@ -453,6 +506,43 @@ impl Config {
             },
             self.max_body_bytes,
         )
+    }
+}
+
+/// The `metrics_token` or `metrics_token_hash`: the rules of a poller's token.
+fn metrics_credential(
+    ctx: &Ctx<'_>,
+    token: &Option<Spanned<String>>,
+    hash: &Option<Spanned<String>>,
+) -> Result<Option<Credential>, ConfigError> {
+    match (token, hash) {
+        (Some(t), Some(_)) => Err(ctx.at(
+            t,
+            "metrics_token",
+            "give metrics_token or metrics_token_hash, not both",
+        )),
+        (Some(t), None) => {
+            let tok = t.get_ref();
+            let body = tok.trim_end_matches('=');
+            if tok.chars().count() < MIN_TOKEN_CHARS {
+                Err(ctx.at(t, "metrics_token", "shorter than 16 characters"))
+            } else if !body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+            {
+                Err(ctx.at(
+                    t,
+                    "metrics_token",
+                    "may hold only A-Z a-z 0-9 - . _ ~ + / and trailing = (a bearer token68)",
+                ))
+            } else {
+                Ok(Some(Credential::Plain(SecretString::from(tok.clone()))))
+            }
+        }
+        (None, Some(h)) => PasswordHash::parse(h.get_ref())
+            .map(|hash| Some(Credential::Hash(hash)))
+            .map_err(|e| ctx.at(h, "metrics_token_hash", &e.to_string())),
+        (None, None) => Ok(None),
     }
 }
 
@@ -675,6 +765,7 @@ pub fn dev_profile(root: &Path) -> Result<(Config, DevSecrets), ConfigError> {
         listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
         data_dir,
         max_body_bytes: 64 * 1024 * 1024,
+        min_free_disk_bytes: crate::store::DEFAULT_RESERVE_BYTES,
         retention_days: 30,
         purge_interval: Duration::from_secs(3600),
         tls: TlsFiles {
@@ -684,6 +775,8 @@ pub fn dev_profile(root: &Path) -> Result<(Config, DevSecrets), ConfigError> {
         limits: Limits::default(),
         log_format: LogFormat::Text,
         access,
+        metrics_token: None,
+        log_timestamps: None,
     };
     Ok((
         config,

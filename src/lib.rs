@@ -15,17 +15,29 @@
 //! - [`xml`]: the streaming extractor (no I/O); [`store`]: durable storage (only it knows sled);
 //! - [`tls`]: certificates and the rustls configuration; [`state`]: what handlers share;
 //! - [`waiters`]: long-poll registry; [`retention`]: the purge task;
+//! - [`ratelimit`]: failed-authentication limiting per client address; [`conn_guard`]: the
+//!   deadline on a connection's first bytes;
 //! - [`simulator`]: a local simulator of the XML gateway (`simulate-gateway`) for trying the
 //!   whole asynchronous flow on one machine;
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up;
+//! - operations: [`ops`] (`/readyz`, `/metrics`), [`metrics`] (the counters and their text
+//!   format), [`notify`] (systemd readiness and watchdog), [`reload`] (SIGHUP), [`backup`]
+//!   (`export` and `import`).
 
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod conn_guard;
+pub mod metrics;
+pub mod notify;
+pub mod ops;
+pub mod ratelimit;
+pub mod reload;
 pub mod retention;
 pub mod routes;
 pub mod server;

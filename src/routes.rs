@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::auth;
+use crate::metrics::Outcome;
 use crate::state::{AppState, AuthenticatedPoller};
 use crate::store::{
     DeliveryId, ExpectOutcome, Expectation, NewDelivery, NewQuarantine, PutOutcome, StoreError,
@@ -40,8 +41,8 @@ const MAX_FEED_LIMIT: usize = 1000;
 /// Expectation timeout unless the `PUT` body says otherwise.
 const DEFAULT_EXPECT_TIMEOUT_SECONDS: u64 = 3600;
 
-/// Longest expectation timeout (30 days).
-const MAX_EXPECT_TIMEOUT_SECONDS: u64 = 30 * 86_400;
+/// Longest expectation timeout (30 days; retention keeps expectations that much longer).
+const MAX_EXPECT_TIMEOUT_SECONDS: u64 = (crate::store::MAX_EXPECTATION_TIMEOUT_MS / 1000) as u64;
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -83,7 +84,21 @@ pub enum ApiError {
     /// Storage failed; nothing was acknowledged.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Too many requests are waiting already.
+    #[error("too many requests are waiting; retry shortly")]
+    Busy,
+    /// The client address failed to authenticate too often (see [`crate::ratelimit`]).
+    #[error("too many failed authentications from this address; retry in {retry_after} s")]
+    TooManyRequests {
+        /// Seconds until the address may try again.
+        retry_after: u64,
+    },
 }
+
+/// Why a request got `401`, kept in the response's extensions (never sent) for the log line of
+/// the failed-authentication limiter.
+#[derive(Debug, Clone)]
+struct AuthFailureReason(String);
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -100,7 +115,8 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -110,17 +126,25 @@ impl ApiError {
         let message = self.to_string();
         let mut builder = Response::builder().status(status);
         match &self {
-            ApiError::Unauthorized { scheme, .. } => {
-                builder = builder.header(
-                    header::WWW_AUTHENTICATE,
-                    format!("{scheme} realm=\"{REALM}\""),
-                );
+            ApiError::Unauthorized { scheme, reason } => {
+                builder = builder
+                    .header(
+                        header::WWW_AUTHENTICATE,
+                        format!("{scheme} realm=\"{REALM}\""),
+                    )
+                    .extension(AuthFailureReason(reason.clone()));
+            }
+            ApiError::TooManyRequests { retry_after } => {
+                builder = builder.header(header::RETRY_AFTER, retry_after.to_string());
             }
             ApiError::MethodNotAllowed { allow } => {
                 builder = builder.header(header::ALLOW, *allow);
             }
             ApiError::Unavailable(_) => {
                 builder = builder.header(header::RETRY_AFTER, "5");
+            }
+            ApiError::Busy => {
+                builder = builder.header(header::RETRY_AFTER, "1");
             }
             _ => {}
         }
@@ -175,6 +199,8 @@ enum Route<'a> {
     Expected,
     Expectation(&'a str),
     Healthz,
+    Readyz,
+    Metrics,
     Unknown,
 }
 
@@ -189,6 +215,8 @@ fn route(path: &str) -> Route<'_> {
     let tail = |prefix: &str| path.strip_prefix(prefix).filter(|rest| !rest.is_empty());
     match path {
         "/healthz" => return Route::Healthz,
+        "/readyz" => return Route::Readyz,
+        "/metrics" => return Route::Metrics,
         "/v1/responses" | "/v1/responses/" => return Route::Feed,
         "/v1/expected" | "/v1/expected/" => return Route::Expected,
         _ => {}
@@ -216,7 +244,10 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let response = dispatch(state, req).instrument(span.clone()).await;
+    let response = limited_dispatch(state.clone(), peer, req)
+        .instrument(span.clone())
+        .await;
+    crate::ops::count_request(&state, &method, &path, response.status().as_u16());
     let bytes = http_body::Body::size_hint(response.body())
         .exact()
         .unwrap_or(0);
@@ -231,6 +262,50 @@ pub async fn handle(
         );
     });
     Ok(response)
+}
+
+/// [`dispatch`] behind the failed-authentication limiter: an address with too many recent `401`s
+/// gets `429` on every authenticated route before its credentials are looked at; each `401` is
+/// counted and logged (address, path, reason; never the secret).
+async fn limited_dispatch(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    let guarded = path.starts_with("/callback/") || path.starts_with("/v1/");
+    if !guarded || !state.auth_limiter.enabled() {
+        return dispatch(state, req).await;
+    }
+    let ip = peer.ip();
+    if let Some(wait) = state.auth_limiter.blocked(ip) {
+        tracing::warn!(%ip, path = %path, "request refused: too many failed authentications");
+        let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return ApiError::TooManyRequests {
+            retry_after: retry_after.max(1),
+        }
+        .into_response(path.starts_with("/v1/"));
+    }
+    let response = dispatch(state.clone(), req).await;
+    if response.status() == StatusCode::UNAUTHORIZED {
+        let failure = state.auth_limiter.record_failure(ip);
+        let reason = response
+            .extensions()
+            .get::<AuthFailureReason>()
+            .map_or("unauthorized", |r| r.0.as_str());
+        tracing::warn!(
+            %ip,
+            path = %path,
+            reason,
+            failures = failure.failures,
+            limit = state.auth_limiter.limit(),
+            "authentication failed"
+        );
+        if failure.now_blocked {
+            tracing::warn!(%ip, "too many failed authentications; refusing this address for up to a minute");
+        }
+    }
+    response
 }
 
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
@@ -263,9 +338,23 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse 
         }),
         Route::Healthz if is_get => Ok(plain(StatusCode::OK, "ok")),
         Route::Healthz => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        Route::Readyz if is_get => Ok(crate::ops::readyz(&state).await),
+        Route::Metrics if is_get => crate::ops::metrics(&state, req.headers()).await,
+        Route::Readyz | Route::Metrics => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
         Route::Unknown => Err(ApiError::NotFound),
     };
-    result.unwrap_or_else(|e| e.into_response(api))
+    let mut response = result.unwrap_or_else(|e| e.into_response(api));
+    if method == Method::HEAD {
+        // HTTP/2 does not drop a HEAD body by itself: keep the length, send no bytes.
+        let length = http_body::Body::size_hint(response.body())
+            .exact()
+            .unwrap_or(0);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        *response.body_mut() = Full::new(Bytes::new());
+    }
+    response
 }
 
 fn percent_decode(raw: &str, what: &str) -> Result<String, ApiError> {
@@ -328,11 +417,16 @@ async fn callback(
                 })
                 .await?;
             tracing::warn!(policy = %policy_id, quarantine_id = %id, size = body.len(), %reason, "callback refused; body kept in quarantine");
+            let size = body.len() as u64;
+            state
+                .metrics
+                .callback(&policy_id, Outcome::Quarantined, size);
             Err(ApiError::BadRequest(reason))
         }
         (Ok(extracted), digest) => {
             let controlid = extracted.controlid.clone();
             let well_formed = extracted.well_formed;
+            let size = body.len() as u64;
             let outcome = state
                 .store
                 .put(NewDelivery {
@@ -350,6 +444,12 @@ async fn callback(
                 PutOutcome::Stored(id) => (id, false),
                 PutOutcome::Duplicate(id) => (id, true),
             };
+            let counted = if duplicate {
+                Outcome::Duplicate
+            } else {
+                Outcome::Stored
+            };
+            state.metrics.callback(&policy_id, counted, size);
             tracing::info!(
                 policy = %policy_id,
                 controlid = controlid.as_deref().unwrap_or("-"),
@@ -527,9 +627,9 @@ fn wait_param(state: &AppState, params: &[(String, String)]) -> Result<Option<Du
     if secs == 0.0 {
         return Ok(None);
     }
-    Ok(Some(
-        Duration::from_secs_f64(secs).min(state.limits.max_wait),
-    ))
+    // Capped before the conversion: a huge number must not overflow the Duration.
+    let secs = secs.min(state.limits.max_wait.as_secs_f64());
+    Ok(Some(Duration::from_secs_f64(secs)))
 }
 
 /// Why a wait ended without what was waited for.
@@ -554,7 +654,18 @@ async fn wait_for(
 }
 
 fn busy() -> ApiError {
-    ApiError::Unavailable("too many requests are waiting; retry shortly".into())
+    ApiError::Busy
+}
+
+/// The controlid of an API path: percent-decoded and trimmed of XML white space, as the
+/// callback side stores it.
+fn controlid_param(raw: &str) -> Result<String, ApiError> {
+    let decoded = percent_decode(raw, "controlid")?;
+    let trimmed = decoded.trim_matches([' ', '\t', '\r', '\n']);
+    if trimmed.is_empty() {
+        return Err(ApiError::BadRequest("controlid is empty".into()));
+    }
+    Ok(trimmed.to_string())
 }
 
 /// `GET /v1/responses/{controlid}[?wait=S]`: the newest delivery, raw or as a JSON summary;
@@ -565,7 +676,7 @@ async fn get_response(
     req: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let poller = check_bearer(state, req.headers()).await?;
-    let controlid = percent_decode(raw_id, "controlid")?;
+    let controlid = controlid_param(raw_id)?;
     let wait = wait_param(state, &query_params(req)?)?;
     if wait.is_some() {
         // What is already there is answered without taking a waiting slot.
@@ -800,7 +911,7 @@ async fn delete_response(
     req: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let poller = check_bearer(state, req.headers()).await?;
-    let controlid = percent_decode(raw_id, "controlid")?;
+    let controlid = controlid_param(raw_id)?;
     let removed = state
         .store
         .delete_controlid(&controlid, &poller.scope)
@@ -837,7 +948,7 @@ async fn put_expected(
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let poller = check_bearer(state, req.headers()).await?;
-    let controlid = percent_decode(raw_id, "controlid")?;
+    let controlid = controlid_param(raw_id)?;
     if controlid.len() > xml::MAX_CONTROLID_BYTES {
         return Err(ApiError::BadRequest(format!(
             "controlid is longer than {} bytes",
@@ -894,7 +1005,7 @@ async fn delete_expected(
     req: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let poller = check_bearer(state, req.headers()).await?;
-    let controlid = percent_decode(raw_id, "controlid")?;
+    let controlid = controlid_param(raw_id)?;
     match state
         .store
         .forget_expectation(&controlid, &poller.name)

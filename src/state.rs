@@ -88,6 +88,10 @@ pub struct AppState {
     pub waiters: Waiters,
     /// The wall clock.
     clock: Clock,
+    /// The counters behind `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Failed authentications per client address (`429` beyond the limit).
+    pub auth_limiter: crate::ratelimit::AuthLimiter,
 }
 
 impl AppState {
@@ -102,11 +106,16 @@ impl AppState {
         let (shutdown, _) = watch::channel(false);
         Self {
             waiters: Waiters::new(limits.max_waiting_pollers),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             clock,
             store,
             access: RwLock::new(Arc::new(AccessIndex::new(access))),
             verifier: Arc::new(Verifier::new(VERIFIED_CACHE_ENTRIES)),
             max_body_bytes,
+            auth_limiter: crate::ratelimit::AuthLimiter::new(
+                limits.auth_failure_limit_per_minute,
+                crate::ratelimit::DEFAULT_MAX_ENTRIES,
+            ),
             limits,
             shutdown,
         }

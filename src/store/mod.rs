@@ -21,7 +21,8 @@ use tokio::sync::watch;
 
 use crate::xml::Extracted;
 
-pub use sled_store::{SledOptions, SledStore};
+pub use sled_store::{BackupCounts, BackupItem, RestoreError};
+pub use sled_store::{FlushStats, SledOptions, SledStore, DEFAULT_RESERVE_BYTES};
 
 /// Names one stored delivery; ids grow with arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -150,6 +151,13 @@ pub struct Latest {
     pub deliveries: u32,
 }
 
+/// The longest expectation timeout (30 days), in milliseconds.
+pub const MAX_EXPECTATION_TIMEOUT_MS: i64 = 30 * 86_400_000;
+
+/// How much longer than deliveries expectations are kept by retention: the longest timeout, so
+/// that an expectation is listed as overdue for at least the retention period.
+pub const EXPECTATION_EXTRA_RETENTION_MS: i64 = MAX_EXPECTATION_TIMEOUT_MS;
+
 /// An integrator's record that it awaits the response to a controlid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expectation {
@@ -177,6 +185,19 @@ pub enum ExpectOutcome {
     Created(Expectation),
     /// The poller already awaited this controlid; its timeout was updated, `since_ms` kept.
     Existed(Expectation),
+}
+
+/// Figures about the store, for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreStats {
+    /// Deliveries stored.
+    pub deliveries: u64,
+    /// Quarantined bodies stored.
+    pub quarantined: u64,
+    /// Bytes the database uses on disk.
+    pub size_on_disk_bytes: u64,
+    /// Flush counters and latency histogram, when the backend has them.
+    pub flush: Option<FlushStats>,
 }
 
 /// Why the store could not do what was asked.
@@ -260,7 +281,8 @@ pub trait Store: Send + Sync + 'static {
     /// Removes (durably) the expectations of `controlid` recorded by `poller`; returns how many.
     async fn forget_expectation(&self, controlid: &str, poller: &str) -> Result<usize, StoreError>;
 
-    /// Removes deliveries, quarantined bodies and expectations older than `cutoff_ms`, at most
+    /// Removes deliveries and quarantined bodies older than `cutoff_ms`, and expectations older
+    /// than `cutoff_ms - EXPECTATION_EXTRA_RETENTION_MS`, at most
     /// `batch` per commit so that callbacks are not held up; returns how many were removed.
     async fn purge_older_than(&self, cutoff_ms: i64, batch: usize) -> Result<usize, StoreError>;
 
@@ -269,6 +291,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether a write can currently be made durable (used by `/readyz`).
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// Counters and sizes for `/metrics`; a backend without them reports zeros.
+    async fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
 
     /// Flushes everything and stops the writer; later writes fail with [`StoreError::Closed`].
     async fn close(&self) -> Result<(), StoreError>;

@@ -50,7 +50,7 @@
 //! An [`Expectation`] has no id, so the watermark cannot hide it: a new one (or a new timeout) is
 //! visible a moment before `expect` returns, like a removal. What must never show is a controlid
 //! that is neither pending nor received. A `put` of a matched delivery removes every expectation
-//! of its controlid (all pollers) in the same sled batch as the delivery itself, so on disk the two
+//! of its controlid (of every poller whose scope allows the delivery's policy) in the same sled batch as the delivery itself, so on disk the two
 //! change together; but sled shows the removal at once while the delivery stays hidden until its
 //! commit. The writer therefore first copies the expectations it removes into an overlay
 //! (`Shared::resolving`) that readers consult when the key is gone, and empties it only after a
@@ -64,7 +64,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -75,9 +75,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     DeliveryId, DeliveryRecord, ExpectOutcome, Expectation, Latest, NewDelivery, NewQuarantine,
-    PutOutcome, QuarantineRecord, Scope, Store, StoreError,
+    PutOutcome, QuarantineRecord, Scope, Store, StoreError, StoreStats,
 };
 use crate::xml::Extracted;
+
+mod backup;
+
+pub use backup::{is_locked_error, restore_into, BackupCounts, BackupItem, RestoreError};
 
 /// Prefix of delivery records.
 const META: u8 = b'm';
@@ -129,6 +133,10 @@ pub struct SledOptions {
     pub cache_capacity_bytes: u64,
     /// The most write requests made durable by one flush.
     pub max_batch: usize,
+    /// Free space the disk must keep after a write: below it, writes that add data are refused
+    /// (`503`) before sled sees them, so that sled never meets a full disk (it cannot recover
+    /// from that without being reopened).
+    pub reserve_bytes: u64,
 }
 
 impl Default for SledOptions {
@@ -136,9 +144,13 @@ impl Default for SledOptions {
         SledOptions {
             cache_capacity_bytes: 128 * 1024 * 1024,
             max_batch: 256,
+            reserve_bytes: DEFAULT_RESERVE_BYTES,
         }
     }
 }
+
+/// The default [`SledOptions::reserve_bytes`]: 64 MiB.
+pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Flush counters of the writer, for `/metrics`.
 #[derive(Debug, Clone, PartialEq)]
@@ -260,8 +272,8 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> 
 pub struct SledStore {
     /// The writer thread; declared first so that it is joined before `db` is dropped.
     writer: WriterHandle,
-    /// The database, for readers.
-    db: sled::Db,
+    /// The database, for readers; empty only while the writer reopens it (see [`Writer::recover`]).
+    db: Arc<DbSlot>,
     /// Its directory.
     dir: PathBuf,
     /// The committed watermark.
@@ -303,46 +315,33 @@ impl SledStore {
     /// code prefer `tokio::task::spawn_blocking` for a large database. The [`Store`] methods do
     /// need a tokio runtime (readers use `spawn_blocking`).
     pub fn open(dir: &Path, options: SledOptions) -> Result<SledStore, StoreError> {
-        fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity_bytes)
-            .open()
-            .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.display())))?;
-
-        let next_id = initial_next_id(&db)?;
-        let deliveries = match read_counter(&db, DELIVERIES_KEY)? {
-            Some(n) => n,
-            None => count_prefix(&db, META)?,
-        };
-        let quarantined = match read_counter(&db, QUARANTINED_KEY)? {
-            Some(n) => n,
-            None => count_prefix(&db, QMETA)?,
-        };
+        let Opened {
+            db,
+            db_file,
+            next_id,
+            deliveries,
+            quarantined,
+            synced_blobs,
+        } = open_db(dir, &options)?;
+        let blobs_dir = dir.join("blobs");
 
         let shared = Arc::new(Shared::default());
         shared.deliveries.store(deliveries, Ordering::Relaxed);
         shared.quarantined.store(quarantined, Ordering::Relaxed);
         let committed = Arc::new(watch::Sender::new(DeliveryId(next_id - 1)));
-
-        // sled syncs its log with `sync_file_range` on Linux, which neither flushes the drive's
-        // write cache nor the file size; an extra `fdatasync` on the same file does both.
-        let db_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join("db"))
-            .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.join("db").display())))?;
-        let blobs_dir = dir.join("blobs");
-        let synced_blobs = list_dir(&blobs_dir).unwrap_or_default();
-        sync_dir(dir)?;
+        let slot: Arc<DbSlot> = Arc::new(RwLock::new(Some(db.clone())));
 
         let max_batch = options.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4).clamp(64, 1 << 16));
         #[cfg(test)]
         let hooks = Arc::new(hooks::Hooks::default());
         let writer = Writer {
-            db: db.clone(),
+            db: Some(db),
+            slot: Arc::clone(&slot),
+            dir: dir.to_path_buf(),
+            options: options.clone(),
+            broken: None,
+            short_of_space: false,
             rx,
             max_batch,
             next_id,
@@ -366,7 +365,7 @@ impl SledStore {
                 tx: Some(tx),
                 thread: Some(thread),
             },
-            db,
+            db: slot,
             dir: dir.to_path_buf(),
             committed,
             shared,
@@ -416,6 +415,11 @@ impl SledStore {
         }
     }
 
+    /// A handle on the database; an error while the writer reopens it after an i/o error.
+    pub(crate) fn db(&self) -> Result<sled::Db, StoreError> {
+        slot_db(&self.db)
+    }
+
     /// The committed watermark: nothing above it is visible.
     fn watermark(&self) -> u64 {
         self.committed.borrow().0
@@ -439,7 +443,7 @@ impl SledStore {
         T: Send + 'static,
         F: FnOnce(&sled::Db, u64) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = self.db.clone();
+        let db = self.db()?;
         let watermark = self.watermark();
         tokio::task::spawn_blocking(move || f(&db, watermark))
             .await
@@ -590,6 +594,20 @@ impl Store for SledStore {
         self.submit(Request::Probe).await
     }
 
+    async fn stats(&self) -> StoreStats {
+        let dir = self.dir.clone();
+        // Walking the directory reads file metadata: keep it off the async workers.
+        let size_on_disk_bytes = tokio::task::spawn_blocking(move || dir_size(&dir, 2))
+            .await
+            .unwrap_or(0);
+        StoreStats {
+            deliveries: self.delivery_count(),
+            quarantined: self.quarantine_count(),
+            size_on_disk_bytes,
+            flush: Some(self.flush_stats()),
+        }
+    }
+
     /// Commits what is queued, flushes and stops the writer. A second call returns at once.
     async fn close(&self) -> Result<(), StoreError> {
         if self.closed.swap(true, Ordering::AcqRel) {
@@ -601,7 +619,7 @@ impl Store for SledStore {
         let (reply, response) = oneshot::channel();
         if tx.send(Request::Close(reply)).await.is_err() {
             // The writer is already gone; there is nothing left to flush through it.
-            return self.db.flush().map(|_| ()).map_err(sled_error);
+            return self.db()?.flush().map(|_| ()).map_err(sled_error);
         }
         response.await.map_err(|_| StoreError::Closed)?
     }
@@ -609,8 +627,19 @@ impl Store for SledStore {
 
 /// The writer thread's state.
 struct Writer {
-    /// The database.
-    db: sled::Db,
+    /// The database; `None` only while [`Writer::recover`] reopens it.
+    db: Option<sled::Db>,
+    /// The readers' handle on the database, replaced when the database is reopened.
+    slot: Arc<DbSlot>,
+    /// The database directory.
+    dir: PathBuf,
+    /// How the database is opened.
+    options: SledOptions,
+    /// Set when a group failed with an i/o error: the database must be reopened (sled 0.34
+    /// refuses every later write after one) no earlier than this instant.
+    broken: Option<Instant>,
+    /// Whether the last group found the disk below its reserve (logged once per episode).
+    short_of_space: bool,
     /// Where requests arrive.
     rx: mpsc::Receiver<Request>,
     /// The most requests per group.
@@ -637,7 +666,149 @@ struct Writer {
 }
 
 impl Writer {
+    /// The database; an error only while [`Writer::recover`] could not reopen it.
+    fn db(&self) -> Result<&sled::Db, StoreError> {
+        self.db.as_ref().ok_or_else(reopening)
+    }
+
+    /// Reopens the database after a group failed with an i/o error; `true` once it is usable.
+    ///
+    /// sled 0.34 keeps the first i/o error of a database (a full disk, say) and refuses every
+    /// later write with it until the database is opened again. The writer owns every mutation,
+    /// so it can do that safely: it checks that the disk takes a write again, closes the
+    /// database (readers get an error for that moment), opens it again (sled recovers its log
+    /// up to the last flush), makes whatever the log holds durable, and publishes it. Writes of
+    /// the failed groups were answered with an error; those that reached the log before the
+    /// failure show up now, and a retried callback finds them as duplicates. Attempts are at
+    /// least [`RECOVERY_INTERVAL`] apart.
+    fn recover(&mut self) -> bool {
+        let Some(not_before) = self.broken else {
+            return true;
+        };
+        let now = Instant::now();
+        if now < not_before {
+            return false;
+        }
+        self.broken = Some(now + RECOVERY_INTERVAL);
+        if let Err(e) = probe_space(&self.dir) {
+            tracing::warn!(error = %e, "the data directory still refuses writes; store not reopened");
+            return false;
+        }
+        // Close: every handle must go, or sled's lock on its files stays held.
+        let old = self
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        // sled's drop flushes, and after an i/o error that flush can wait forever: let a
+        // thread of its own wait. Until it is done, sled's lock makes the reopen below fail and
+        // the store stays unready (`/readyz`, the watchdog); it is tried again later.
+        let handles = (old, self.db.take());
+        let dropper = std::thread::Builder::new()
+            .name("sled-drop".into())
+            .spawn(move || drop(handles));
+        if let Err(e) = dropper {
+            tracing::error!(error = %e, "cannot start a thread to close the broken database");
+            return false;
+        }
+        let mut attempt = 0;
+        let opened = loop {
+            match open_db(&self.dir, &self.options) {
+                Ok(opened) => break opened,
+                // A reader may still hold a handle for a moment: its lock goes with it.
+                Err(e) if attempt < 40 => {
+                    tracing::debug!(error = %e, "reopening the store");
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reopening the store failed; retrying later");
+                    return false;
+                }
+            }
+        };
+        let Opened {
+            db,
+            db_file,
+            next_id,
+            deliveries,
+            quarantined,
+            synced_blobs: _,
+        } = opened;
+        self.db = Some(db.clone());
+        self.db_file = db_file;
+        // Blobs written by the failed groups may not be synced: sync every one once.
+        self.synced_blobs = HashSet::new();
+        // Ids are never reused: keep the larger of what was handed out and what the log holds.
+        self.next_id = self.next_id.max(next_id);
+        self.deliveries = deliveries;
+        self.quarantined = quarantined;
+        self.shared.deliveries.store(deliveries, Ordering::Relaxed);
+        self.shared
+            .quarantined
+            .store(quarantined, Ordering::Relaxed);
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "flushing the reopened store failed; retrying later");
+            *self
+                .slot
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(db);
+            return false;
+        }
+        *self
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(db);
+        // What the log holds is durable now; the expectations a failed put removed are either
+        // removed on disk together with their delivery or back in the database.
+        let newest = DeliveryId(self.next_id - 1);
+        self.committed.send_if_modified(|current| {
+            let changed = *current != newest;
+            *current = newest;
+            changed
+        });
+        self.shared.resolving().clear();
+        self.broken = None;
+        tracing::warn!("store reopened after an i/o error; accepting writes again");
+        true
+    }
+
     /// Serves groups of requests until the channel closes or a `Close` request arrives.
+    /// Answers, with a `storage full` error, the requests of `group` that would add data while
+    /// the disk's free space is below the reserve; returns the others.
+    fn refuse_without_space(&mut self, group: Vec<Request>) -> Vec<Request> {
+        let adding: u64 = group.iter().filter_map(added_bytes).sum();
+        if adding == 0 {
+            return group;
+        }
+        let available = match fs2::available_space(&self.dir) {
+            Ok(available) => available,
+            // Unknown: let sled try (and the i/o error path handle a failure).
+            Err(_) => return group,
+        };
+        if available >= adding.saturating_add(self.options.reserve_bytes) {
+            if std::mem::take(&mut self.short_of_space) {
+                tracing::warn!(
+                    available_bytes = available,
+                    "free space is back; accepting writes"
+                );
+            }
+            return group;
+        }
+        let (refused, kept): (Vec<Request>, Vec<Request>) =
+            group.into_iter().partition(|r| added_bytes(r).is_some());
+        self.shared.failures.fetch_add(1, Ordering::Relaxed);
+        if !std::mem::replace(&mut self.short_of_space, true) {
+            tracing::error!(
+                available_bytes = available,
+                reserve_bytes = self.options.reserve_bytes,
+                "data directory below its free-space reserve (min_free_disk_bytes); writes get 503 until space is freed"
+            );
+        }
+        refuse_group(refused, NO_SPACE_MESSAGE);
+        kept
+    }
+
     fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
             #[cfg(test)]
@@ -656,10 +827,22 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                self.commit_group(group);
+                let group = self.refuse_without_space(group);
+                if group.is_empty() {
+                } else if self.broken.is_some() && !self.recover() {
+                    refuse_group(group, BROKEN_MESSAGE);
+                } else {
+                    self.commit_group(group);
+                }
             }
             if let Some(reply) = close {
-                let result = self.flush();
+                let result = if self.broken.is_some() && !self.recover() {
+                    Err(StoreError::Io(
+                        "closing while the database is unwritable after an i/o error".to_owned(),
+                    ))
+                } else {
+                    self.flush()
+                };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "flush on close failed");
                 }
@@ -754,6 +937,8 @@ impl Writer {
             Some(message) => {
                 self.shared.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %message, requests = count, "store commit failed");
+                // Reopen before the next write (at once: the next request may find space).
+                self.broken = Some(Instant::now());
             }
         }
         for answer in answers {
@@ -837,7 +1022,7 @@ impl Writer {
         let candidate = match &delivery.extracted.controlid {
             Some(controlid) => {
                 let mut found = None;
-                for entry in self.db.scan_prefix(controlid_prefix(controlid)) {
+                for entry in self.db()?.scan_prefix(controlid_prefix(controlid)) {
                     let (key, value) = entry.map_err(sled_error)?;
                     let Some(id) = id_suffix(&key) else { continue };
                     if let Some(index) = ControlidEntry::parse(&value) {
@@ -852,19 +1037,26 @@ impl Writer {
                 found
             }
             None => self
-                .db
+                .db()?
                 .get(unmatched_key(&delivery.policy, &delivery.sha256))
                 .map_err(sled_error)?
                 .and_then(|value| be_u64(&value)),
         };
         match candidate {
             // An index entry whose record is gone must not swallow a new delivery.
-            Some(id) if self.db.contains_key(id_key(META, id)).map_err(sled_error)? => Ok(Some(id)),
+            Some(id)
+                if self
+                    .db()?
+                    .contains_key(id_key(META, id))
+                    .map_err(sled_error)? =>
+            {
+                Ok(Some(id))
+            }
             _ => Ok(None),
         }
     }
 
-    /// Adds to `batch` the removal of every expectation of `controlid` (all pollers) and returns
+    /// Adds to `batch` the removal of every expectation of `controlid` whose scope allows `policy` and returns
     /// the removed expectations that could be decoded.
     fn resolve_expectations(
         &self,
@@ -873,7 +1065,7 @@ impl Writer {
         batch: &mut sled::Batch,
     ) -> Result<Vec<Expectation>, StoreError> {
         let mut resolved = Vec::new();
-        for entry in self.db.scan_prefix(expect_prefix(controlid)) {
+        for entry in self.db()?.scan_prefix(expect_prefix(controlid)) {
             let (key, raw) = entry.map_err(sled_error)?;
             match decode_expectation(&key, &raw) {
                 // A poller that may not read this policy still awaits its own answer.
@@ -905,7 +1097,7 @@ impl Writer {
         resolved: Vec<Expectation>,
     ) -> Result<(), StoreError> {
         if resolved.is_empty() {
-            return self.db.apply_batch(batch).map_err(sled_error);
+            return self.db()?.apply_batch(batch).map_err(sled_error);
         }
         // Into the overlay first: there must be no moment where the key is gone and the overlay
         // does not have it yet.
@@ -917,7 +1109,7 @@ impl Writer {
                 pending.push(expectation.clone());
             }
         }
-        if let Err(e) = self.db.apply_batch(batch) {
+        if let Err(e) = self.db()?.apply_batch(batch) {
             // Nothing was removed: the keys still show these expectations.
             let mut resolving = self.shared.resolving();
             for expectation in &resolved {
@@ -937,7 +1129,7 @@ impl Writer {
     /// `since_ms`, hence its place in the time index).
     fn expect(&mut self, expectation: &Expectation) -> Result<ExpectOutcome, StoreError> {
         let key = expect_key(&expectation.controlid, &expectation.poller);
-        let existing = match self.db.get(&key).map_err(sled_error)? {
+        let existing = match self.db()?.get(&key).map_err(sled_error)? {
             Some(raw) => match decode_expectation(&key, &raw) {
                 Ok(existing) => Some(existing),
                 Err(e) => {
@@ -964,7 +1156,7 @@ impl Writer {
             expect_time_key(stored.since_ms, &stored.controlid, &stored.poller),
             &[][..],
         );
-        self.db.apply_batch(batch).map_err(sled_error)?;
+        self.db()?.apply_batch(batch).map_err(sled_error)?;
         Ok(outcome(stored))
     }
 
@@ -972,13 +1164,13 @@ impl Writer {
     fn forget(&mut self, controlid: &str, poller: &str) -> Result<usize, StoreError> {
         let key = expect_key(controlid, poller);
         let mut removed = 0;
-        if let Some(raw) = self.db.get(&key).map_err(sled_error)? {
+        if let Some(raw) = self.db()?.get(&key).map_err(sled_error)? {
             let mut batch = sled::Batch::default();
             batch.remove(key.clone());
             if let Ok(expectation) = decode_expectation(&key, &raw) {
                 batch.remove(expect_time_key(expectation.since_ms, controlid, poller));
             }
-            self.db.apply_batch(batch).map_err(sled_error)?;
+            self.db()?.apply_batch(batch).map_err(sled_error)?;
             removed = 1;
         }
         // One already resolved by a `put` that is not committed yet was still shown as pending.
@@ -1009,7 +1201,7 @@ impl Writer {
         );
         batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
         batch.insert(QUARANTINED_KEY, &(self.quarantined + 1).to_be_bytes()[..]);
-        self.db.apply_batch(batch).map_err(sled_error)?;
+        self.db()?.apply_batch(batch).map_err(sled_error)?;
         self.quarantined += 1;
         self.shared
             .quarantined
@@ -1021,7 +1213,7 @@ impl Writer {
     fn delete(&mut self, controlid: &str, scope: &Scope) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
         let mut removed = 0_u64;
-        for entry in self.db.scan_prefix(controlid_prefix(controlid)) {
+        for entry in self.db()?.scan_prefix(controlid_prefix(controlid)) {
             let (key, value) = entry.map_err(sled_error)?;
             let Some(id) = id_suffix(&key) else { continue };
             match ControlidEntry::parse(&value) {
@@ -1044,7 +1236,7 @@ impl Writer {
         if removed > 0 {
             let deliveries = self.deliveries.saturating_sub(removed);
             batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
-            self.db.apply_batch(batch).map_err(sled_error)?;
+            self.db()?.apply_batch(batch).map_err(sled_error)?;
             self.deliveries = deliveries;
             self.shared.deliveries.store(deliveries, Ordering::Relaxed);
         }
@@ -1061,14 +1253,14 @@ impl Writer {
         let mut quarantined = 0_u64;
         let start = [TIME];
         let end = time_prefix(cutoff_ms);
-        for entry in self.db.range(&start[..]..&end[..]).take(limit) {
+        for entry in self.db()?.range(&start[..]..&end[..]).take(limit) {
             let (key, kind) = entry.map_err(sled_error)?;
             scanned += 1;
             batch.remove(key.clone());
             let Some(id) = id_suffix(&key) else { continue };
             if kind.first() == Some(&KIND_QUARANTINE) {
                 if self
-                    .db
+                    .db()?
                     .contains_key(id_key(QMETA, id))
                     .map_err(sled_error)?
                 {
@@ -1078,7 +1270,7 @@ impl Writer {
                 batch.remove(&id_key(QBODY, id)[..]);
                 continue;
             }
-            let Some(raw) = self.db.get(id_key(META, id)).map_err(sled_error)? else {
+            let Some(raw) = self.db()?.get(id_key(META, id)).map_err(sled_error)? else {
                 continue;
             };
             deliveries += 1;
@@ -1091,7 +1283,7 @@ impl Writer {
                     None => {
                         let key = unmatched_key(&record.policy, &record.sha256);
                         let points_here = self
-                            .db
+                            .db()?
                             .get(&key)
                             .map_err(sled_error)?
                             .and_then(|value| be_u64(&value))
@@ -1107,9 +1299,12 @@ impl Writer {
         }
         let mut expectations = 0_u64;
         let start = [EXPECT_TIME];
-        let end = expect_time_prefix(cutoff_ms);
+        // Expectations outlive deliveries by the longest timeout, so that each one is listed as
+        // overdue for at least the retention period before it goes.
+        let end =
+            expect_time_prefix(cutoff_ms.saturating_sub(super::EXPECTATION_EXTRA_RETENTION_MS));
         for entry in self
-            .db
+            .db()?
             .range(&start[..]..&end[..])
             .keys()
             .take(limit - scanned)
@@ -1121,7 +1316,7 @@ impl Writer {
                 continue;
             };
             let expect_key = expect_key(controlid, poller);
-            let Some(raw) = self.db.get(&expect_key).map_err(sled_error)? else {
+            let Some(raw) = self.db()?.get(&expect_key).map_err(sled_error)? else {
                 continue;
             };
             // An entry left behind by an expectation since re-created (at another time) must not
@@ -1137,7 +1332,7 @@ impl Writer {
             let new_quarantined = self.quarantined.saturating_sub(quarantined);
             batch.insert(DELIVERIES_KEY, &new_deliveries.to_be_bytes()[..]);
             batch.insert(QUARANTINED_KEY, &new_quarantined.to_be_bytes()[..]);
-            self.db.apply_batch(batch).map_err(sled_error)?;
+            self.db()?.apply_batch(batch).map_err(sled_error)?;
             self.deliveries = new_deliveries;
             self.quarantined = new_quarantined;
             self.shared
@@ -1158,7 +1353,7 @@ impl Writer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        self.db
+        self.db()?
             .insert(PROBE_KEY, &now.to_be_bytes()[..])
             .map_err(sled_error)?;
         Ok(())
@@ -1189,7 +1384,7 @@ impl Writer {
             return Err(StoreError::Io("injected flush failure".to_owned()));
         }
         self.sync_blobs()?;
-        self.db.flush().map_err(sled_error)?;
+        self.db()?.flush().map_err(sled_error)?;
         self.db_file
             .sync_data()
             .map_err(|e| StoreError::Io(format!("syncing the log file: {e}")))?;
@@ -1233,6 +1428,135 @@ impl Writer {
             self.shared.buckets[index].fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The database handle shared by readers and the writer; empty only while the writer reopens it.
+type DbSlot = std::sync::RwLock<Option<sled::Db>>;
+
+/// The shortest time between two attempts to reopen a broken database.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bytes written (and removed) to check that the data directory takes writes again: two of
+/// sled's log segments.
+const PROBE_FILE_BYTES: usize = 1024 * 1024;
+
+/// A handle from the slot, or the error readers get while the database is being reopened.
+fn slot_db(slot: &DbSlot) -> Result<sled::Db, StoreError> {
+    slot.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .ok_or_else(reopening)
+}
+
+/// The error of an operation while the database is closed for reopening.
+fn reopening() -> StoreError {
+    StoreError::Io("the database is being reopened after an i/o error".to_owned())
+}
+
+/// Answers every request of a group with an i/o error, without touching the database.
+/// Why a group is refused while the database is being reopened.
+const BROKEN_MESSAGE: &str = "storage unavailable after an i/o error (disk full?); retry later";
+
+/// Why a write is refused when the disk is nearly full.
+const NO_SPACE_MESSAGE: &str = "storage full: the data directory is below its free-space reserve";
+
+/// The bytes a request adds to the disk (an estimate: its body plus its records), or `None`
+/// for a request that adds (almost) nothing and must go through even on a full disk.
+fn added_bytes(request: &Request) -> Option<u64> {
+    const RECORD_BYTES: u64 = 4096;
+    match request {
+        Request::Put(delivery, _) => Some(delivery.body.len() as u64 + RECORD_BYTES),
+        Request::Quarantine(quarantine, _) => Some(quarantine.body.len() as u64 + RECORD_BYTES),
+        Request::Expect(..) | Request::Probe(_) => Some(RECORD_BYTES),
+        Request::Delete { .. } | Request::Forget { .. } | Request::Purge { .. } => None,
+        Request::Close(_) => None,
+    }
+}
+
+fn refuse_group(group: Vec<Request>, message: &str) {
+    for request in group {
+        let answer = match request {
+            Request::Put(_, reply) => answer(reply, Err(StoreError::Io(String::new()))),
+            Request::Quarantine(_, reply) => answer(reply, Err(StoreError::Io(String::new()))),
+            Request::Delete { reply, .. } | Request::Forget { reply, .. } => {
+                answer(reply, Err(StoreError::Io(String::new())))
+            }
+            Request::Expect(_, reply) => answer(reply, Err(StoreError::Io(String::new()))),
+            Request::Purge { reply, .. } => answer(reply, Err(StoreError::Io(String::new()))),
+            Request::Probe(reply) | Request::Close(reply) => {
+                answer(reply, Err(StoreError::Io(String::new())))
+            }
+        };
+        answer(Some(message));
+    }
+}
+
+/// Writes, syncs and removes a small file in `dir`: whether the disk takes writes.
+fn probe_space(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("space-probe.tmp");
+    let result = (|| {
+        let mut file = File::create(&path)?;
+        file.write_all(&vec![0u8; PROBE_FILE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = fs::remove_file(&path);
+    result
+}
+
+/// A database just opened, with what the writer needs from it.
+struct Opened {
+    /// The database.
+    db: sled::Db,
+    /// Its log file, for the extra `fdatasync`.
+    db_file: File,
+    /// The next id to assign.
+    next_id: u64,
+    /// Stored deliveries.
+    deliveries: u64,
+    /// Stored quarantined bodies.
+    quarantined: u64,
+    /// Blob files present at open.
+    synced_blobs: HashSet<OsString>,
+}
+
+/// Opens (or creates) the database in `dir` and reads its counters.
+fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
+    fs::create_dir_all(dir)
+        .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(options.cache_capacity_bytes)
+        .open()
+        .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.display())))?;
+
+    let next_id = initial_next_id(&db)?;
+    let deliveries = match read_counter(&db, DELIVERIES_KEY)? {
+        Some(n) => n,
+        None => count_prefix(&db, META)?,
+    };
+    let quarantined = match read_counter(&db, QUARANTINED_KEY)? {
+        Some(n) => n,
+        None => count_prefix(&db, QMETA)?,
+    };
+
+    // sled syncs its log with `sync_file_range` on Linux, which neither flushes the drive's
+    // write cache nor the file size; an extra `fdatasync` on the same file does both.
+    let db_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+        .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.join("db").display())))?;
+    let synced_blobs = list_dir(&dir.join("blobs")).unwrap_or_default();
+    sync_dir(dir)?;
+    Ok(Opened {
+        db,
+        db_file,
+        next_id,
+        deliveries,
+        quarantined,
+        synced_blobs,
+    })
 }
 
 /// Reads the newest delivery of a controlid within scope, and how many there are.
@@ -1925,6 +2249,7 @@ mod tests {
         SledOptions {
             cache_capacity_bytes: 16 * 1024 * 1024,
             max_batch: 256,
+            reserve_bytes: 1024 * 1024,
         }
     }
 
@@ -2351,7 +2676,7 @@ mod tests {
                     TIME => time_key(7, id.0).to_vec(),
                     _ => id_key(prefix, id.0).to_vec(),
                 };
-                assert!(!store.db.contains_key(key).expect("get"));
+                assert!(!store.db().expect("db").contains_key(key).expect("get"));
             }
         }
     }
@@ -2509,7 +2834,11 @@ mod tests {
         wait_until(|| store.hooks.at_flush()).await;
         // Applied to sled, not yet flushed: the raw tree has it, the store does not show it.
         let id = DeliveryId(start.0 + 1);
-        assert!(store.db.contains_key(id_key(META, id.0)).expect("get"));
+        assert!(store
+            .db()
+            .expect("db")
+            .contains_key(id_key(META, id.0))
+            .expect("get"));
         assert!(store
             .latest("w", &Scope::All)
             .await
@@ -2713,7 +3042,7 @@ mod tests {
         assert!(matches!(again, PutOutcome::Stored(id) if id > new_q));
         assert_eq!(store.purge_older_than(100, 3).await.expect("purge"), 0);
         // Only the index entries of live items remain.
-        let time_entries = store.db.scan_prefix([TIME]).count();
+        let time_entries = store.db().expect("db").scan_prefix([TIME]).count();
         assert_eq!(time_entries, 3);
     }
 
@@ -2761,7 +3090,8 @@ mod tests {
     /// The keys under a one-byte prefix, raw.
     fn raw_keys(store: &SledStore, prefix: u8) -> Vec<Vec<u8>> {
         store
-            .db
+            .db()
+            .expect("db")
             .scan_prefix([prefix])
             .keys()
             .map(|k| k.expect("key").to_vec())
@@ -3031,8 +3361,18 @@ mod tests {
             .await
             .expect("expect");
 
-        // Batches of 2 over 1 delivery and 5 expectations: several commits.
-        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 6);
+        // Expectations are kept `EXPECTATION_EXTRA_RETENTION_MS` longer than deliveries: a cutoff
+        // of 100 only removes the delivery.
+        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 1);
+        assert!(store.record(old_delivery).await.expect("record").is_none());
+        assert!(store
+            .expectation("old0", "erp")
+            .await
+            .expect("get")
+            .is_some());
+        // Batches of 2 over 5 expectations: several commits.
+        let cutoff = 100 + super::super::EXPECTATION_EXTRA_RETENTION_MS;
+        assert_eq!(store.purge_older_than(cutoff, 2).await.expect("purge"), 5);
         assert!(store.record(old_delivery).await.expect("record").is_none());
         for i in 0..5 {
             assert!(store
@@ -3054,10 +3394,11 @@ mod tests {
 
         // A time entry left behind (its record re-created later) goes without taking the record.
         store
-            .db
+            .db()
+            .expect("db")
             .insert(expect_time_key(-50, "new", "bi"), &[][..])
             .expect("insert");
-        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 0);
+        assert_eq!(store.purge_older_than(cutoff, 2).await.expect("purge"), 0);
         assert!(store.expectation("new", "bi").await.expect("get").is_some());
         assert_eq!(raw_keys(&store, EXPECT_TIME).len(), 2);
     }

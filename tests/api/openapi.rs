@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use callback_receiver::auth::{Credential, SecretString};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 use serde_json::Value;
@@ -52,6 +53,9 @@ const UNTESTABLE: &[(&str, &str, u16, &str)] = &[
 
 /// The test configuration's wrong token.
 const WRONG_TOKEN: &str = "not-a-configured-token-0000";
+
+/// The `metrics_token` of the main service under test.
+const METRICS_TOKEN: &str = "metrics-token-for-openapi-5e1d";
 
 /// How a scenario's request is sent.
 #[derive(Debug, Clone, Copy)]
@@ -953,6 +957,10 @@ fn main_table(fx: &Fixture) -> Vec<Scenario> {
         .bearer(TOKEN_SCOPED),
         // Service endpoints.
         scenario("liveness", M::GET, "/healthz", 200),
+        scenario("readiness", M::GET, "/readyz", 200),
+        scenario("metrics", M::GET, "/metrics", 200).bearer(METRICS_TOKEN),
+        scenario("metrics without the metrics token", M::GET, "/metrics", 401),
+        scenario("metrics with a poller's token", M::GET, "/metrics", 401).bearer(TOKEN_ALL),
     ];
     // 405 on every path, for the methods each does not implement.
     let not_get = [M::GET, M::PUT, M::DELETE, M::PATCH];
@@ -974,10 +982,13 @@ fn main_table(fx: &Fixture) -> Vec<Scenario> {
     ));
     t.extend(not_allowed("/v1/expected", &get_only));
     t.extend(not_allowed("/healthz", &get_only));
+    t.extend(not_allowed("/readyz", &get_only));
+    t.extend(not_allowed("/metrics", &get_only));
     t
 }
 
-/// Run while another request holds the only waiting slot (`max_waiting_pollers = 1`).
+/// Run while another request holds the only waiting slot (`max_waiting_pollers = 1`): a wait
+/// that would have to wait is refused, one that can be answered at once is not.
 fn busy_table() -> Vec<Scenario> {
     vec![
         scenario(
@@ -990,10 +1001,66 @@ fn busy_table() -> Vec<Scenario> {
         scenario(
             "feed wait while the slot is taken",
             Method::GET,
-            "/v1/responses?wait=5",
+            "/v1/responses?after=7fffffffffffffff&wait=5",
             503,
         )
         .bearer(TOKEN_ALL),
+        scenario(
+            "wait for what is stored, while the slot is taken",
+            Method::GET,
+            "/v1/responses/oa-raw?wait=5",
+            200,
+        )
+        .bearer(TOKEN_ALL),
+        scenario(
+            "feed wait with items there, while the slot is taken",
+            Method::GET,
+            "/v1/responses?wait=5",
+            200,
+        )
+        .bearer(TOKEN_ALL),
+    ]
+}
+
+/// Run against a service that allows one failed authentication per minute: the first scenario
+/// fails to authenticate, and from then on the address is refused, right credentials or not.
+fn blocked_table() -> Vec<Scenario> {
+    use Method as M;
+    let cb = format!("/callback/{POLICY}");
+    vec![
+        scenario("the one failure allowed", M::GET, "/v1/responses/oa-x", 401).bearer(WRONG_TOKEN),
+        scenario("callback, address blocked", M::POST, &cb, 429)
+            .basic()
+            .xml()
+            .body(response_doc("oa-blocked", "1")),
+        scenario(
+            "callback, address blocked, trailing slash",
+            M::POST,
+            format!("{cb}/"),
+            429,
+        )
+        .basic()
+        .body(response_doc("oa-blocked", "1")),
+        scenario("get, address blocked", M::GET, "/v1/responses/oa-x", 429).bearer(TOKEN_ALL),
+        scenario("ack, address blocked", M::DELETE, "/v1/responses/oa-x", 429).bearer(TOKEN_ALL),
+        scenario("feed, address blocked", M::GET, "/v1/responses", 429).bearer(TOKEN_ALL),
+        scenario(
+            "delivery, address blocked",
+            M::GET,
+            "/v1/deliveries/0000000000000001",
+            429,
+        )
+        .bearer(TOKEN_ALL),
+        scenario("expect, address blocked", M::PUT, "/v1/expected/oa-x", 429).bearer(TOKEN_ALL),
+        scenario(
+            "forget, address blocked",
+            M::DELETE,
+            "/v1/expected/oa-x",
+            429,
+        )
+        .bearer(TOKEN_ALL),
+        scenario("expectations, address blocked", M::GET, "/v1/expected", 429).bearer(TOKEN_ALL),
+        scenario("liveness is never blocked", M::GET, "/healthz", 200),
     ]
 }
 
@@ -1034,6 +1101,7 @@ fn closed_store_table() -> Vec<Scenario> {
             503,
         )
         .bearer(TOKEN_ALL),
+        scenario("not ready, store closed", Method::GET, "/readyz", 503),
     ]
 }
 
@@ -1077,6 +1145,9 @@ async fn the_openapi_document_matches_the_server() {
     let app = spawn_app_with(|c| {
         c.limits.max_waiting_pollers = 1;
         c.limits.body_read_timeout = Duration::from_secs(1);
+        // The 401 scenarios must not get this address blocked: the limiter has its own app.
+        c.limits.auth_failure_limit_per_minute = 0;
+        c.metrics_token = Some(Credential::Plain(SecretString::new(METRICS_TOKEN)));
     })
     .await;
     let fx = setup(&app).await;
@@ -1168,6 +1239,17 @@ async fn the_openapi_document_matches_the_server() {
             answer.status
         );
     }
+
+    // 429 once an address has failed to authenticate too often.
+    let limited = spawn_app_with(|c| c.limits.auth_failure_limit_per_minute = 1).await;
+    run_table(
+        &limited,
+        &spec,
+        &blocked_table(),
+        &mut covered,
+        &mut failures,
+    )
+    .await;
 
     // 503 when storage cannot write: stop the store's writer, as a failed disk would.
     app.state.store.close().await.expect("close the store");
