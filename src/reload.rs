@@ -168,6 +168,10 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             running.max_body_bytes != new.max_body_bytes,
         ),
         (
+            "min_free_disk_bytes",
+            running.min_free_disk_bytes != new.min_free_disk_bytes,
+        ),
+        (
             "retention_days",
             running.retention_days != new.retention_days,
         ),
@@ -268,6 +272,11 @@ mod tests {
         moved.listen = "127.0.0.1:9443".parse().expect("addr");
         moved.data_dir = "/elsewhere".into();
         assert_eq!(needs_restart(&running, &moved), vec!["listen", "data_dir"]);
+        let reserve = config("min_free_disk_bytes = 1048576");
+        assert_eq!(
+            needs_restart(&running, &reserve),
+            vec!["min_free_disk_bytes"]
+        );
         let policies = config("[[policy]]\nid = \"p\"\n");
         assert!(needs_restart(&running, &policies).is_empty());
     }
