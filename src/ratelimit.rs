@@ -1,11 +1,16 @@
 //! Failed-authentication limiting per client address.
 //!
 //! Every request answered `401` (wrong or missing credentials on a callback, a wrong token on the
-//! API, an unknown policy) counts as one failure of the client's address. Once an address has
-//! `limit` failures within one minute, every request from it to an authenticated route is
-//! answered `429` with `Retry-After` until its minute is over, *before* its credentials are
-//! checked: a blocked client learns nothing about the secret it is guessing, and costs no argon2
-//! run. Successful requests never count and are never delayed.
+//! API, an unknown policy) counts as one failure of the client's address *for what it tried to
+//! reach*: one configured policy, any unknown policy, or the integrator API ([`Target`]). Once an
+//! address has `limit` failures for a target within one minute, every request from it to that
+//! target is answered `429` with `Retry-After` until its minute is over, *before* its credentials
+//! are checked: a blocked client learns nothing about the secret it is guessing, and costs no
+//! argon2 run. Successful requests never count and are never delayed.
+//!
+//! Counting per target keeps the damage of one misconfiguration small: a transport policy whose
+//! password was mistyped in the gateway cannot get the gateway's address refused on the other
+//! policies, and a poller with a stale token cannot block callbacks coming from the same host.
 //!
 //! IPv6 clients are counted per `/64`, since one host usually owns a whole `/64`. Memory is
 //! bounded: at most `max_entries` addresses are tracked; when full, expired windows are dropped
@@ -51,6 +56,21 @@ impl ClientKey {
     }
 }
 
+/// What a request tried to reach: failures are counted per address *and* target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `/v1/...`: the integrator API (a token names no poller before it is checked).
+    Api,
+    /// `/callback/{id}` of a configured policy.
+    Policy(String),
+    /// `/callback/{id}` of a policy that is not configured: all unknown ids share one count, so
+    /// that trying many ids gains nothing.
+    UnknownPolicy,
+}
+
+/// The key of one count: the client's address (or `/64`) and its target.
+type Key = (ClientKey, Target);
+
 /// One address's failures in its current window.
 #[derive(Debug, Clone, Copy)]
 struct Window {
@@ -63,11 +83,11 @@ struct Window {
 /// The tracked addresses.
 #[derive(Debug, Default)]
 struct Table {
-    /// Current window per address.
-    windows: HashMap<ClientKey, Window>,
+    /// Current window per address and target.
+    windows: HashMap<Key, Window>,
     /// Addresses in the order their windows began (entries whose window has since restarted are
     /// stale and skipped), for eviction of the oldest.
-    order: VecDeque<(ClientKey, Instant)>,
+    order: VecDeque<(Key, Instant)>,
 }
 
 /// What a failure did to its address.
@@ -123,18 +143,21 @@ impl AuthLimiter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `Some(retry_after)` when `ip` has used up its failures and must wait.
-    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
-        self.blocked_at(ip, Instant::now())
+    /// `Some(retry_after)` when `ip` has used up its failures for `target` and must wait.
+    pub fn blocked(&self, ip: IpAddr, target: &Target) -> Option<Duration> {
+        self.blocked_at(ip, target, Instant::now())
     }
 
     /// [`blocked`](Self::blocked) at a given instant.
-    pub fn blocked_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+    pub fn blocked_at(&self, ip: IpAddr, target: &Target, now: Instant) -> Option<Duration> {
         if !self.enabled() {
             return None;
         }
         let table = self.lock();
-        let window = table.windows.get(&ClientKey::of(ip))?;
+        if table.windows.is_empty() {
+            return None;
+        }
+        let window = table.windows.get(&(ClientKey::of(ip), target.clone()))?;
         let elapsed = now.saturating_duration_since(window.start);
         if window.failures >= self.limit && elapsed < WINDOW {
             Some(WINDOW - elapsed)
@@ -143,20 +166,20 @@ impl AuthLimiter {
         }
     }
 
-    /// Counts one failed authentication of `ip`.
-    pub fn record_failure(&self, ip: IpAddr) -> Failure {
-        self.record_failure_at(ip, Instant::now())
+    /// Counts one failed authentication of `ip` for `target`.
+    pub fn record_failure(&self, ip: IpAddr, target: Target) -> Failure {
+        self.record_failure_at(ip, target, Instant::now())
     }
 
     /// [`record_failure`](Self::record_failure) at a given instant.
-    pub fn record_failure_at(&self, ip: IpAddr, now: Instant) -> Failure {
+    pub fn record_failure_at(&self, ip: IpAddr, target: Target, now: Instant) -> Failure {
         if !self.enabled() {
             return Failure {
                 failures: 0,
                 now_blocked: false,
             };
         }
-        let key = ClientKey::of(ip);
+        let key = (ClientKey::of(ip), target);
         let mut table = self.lock();
         let current = table
             .windows
@@ -172,7 +195,7 @@ impl AuthLimiter {
                 if !table.windows.contains_key(&key) {
                     self.make_room(&mut table, now);
                 }
-                table.order.push_back((key, now));
+                table.order.push_back((key.clone(), now));
                 Window {
                     start: now,
                     failures: 1,
@@ -182,8 +205,11 @@ impl AuthLimiter {
         table.windows.insert(key, window);
         // Stale entries pile up when windows restart; rebuild the order now and then.
         if table.order.len() > self.max_entries.saturating_mul(2).max(64) {
-            let mut order: Vec<(ClientKey, Instant)> =
-                table.windows.iter().map(|(k, w)| (*k, w.start)).collect();
+            let mut order: Vec<(Key, Instant)> = table
+                .windows
+                .iter()
+                .map(|(k, w)| (k.clone(), w.start))
+                .collect();
             order.sort_by_key(|(_, start)| *start);
             table.order = order.into();
         }
@@ -206,11 +232,13 @@ impl AuthLimiter {
                 table.windows.remove(&key);
             }
             // Also drop whatever else has expired at the front, cheaply.
-            while let Some((key, start)) = table.order.front().copied() {
+            while let Some(start) = table.order.front().map(|(_, start)| *start) {
                 if now.saturating_duration_since(start) < WINDOW {
                     break;
                 }
-                table.order.pop_front();
+                let Some((key, _)) = table.order.pop_front() else {
+                    break;
+                };
                 if table.windows.get(&key).is_some_and(|w| w.start == start) {
                     table.windows.remove(&key);
                 }
@@ -233,21 +261,51 @@ mod tests {
         let t0 = Instant::now();
         let a = ip("192.0.2.1");
         for n in 1..=2 {
-            let f = limiter.record_failure_at(a, t0);
+            let f = limiter.record_failure_at(a, Target::Api, t0);
             assert_eq!(f.failures, n);
             assert!(!f.now_blocked);
-            assert_eq!(limiter.blocked_at(a, t0), None);
+            assert_eq!(limiter.blocked_at(a, &Target::Api, t0), None);
         }
-        assert!(limiter.record_failure_at(a, t0).now_blocked);
+        assert!(limiter.record_failure_at(a, Target::Api, t0).now_blocked);
         let later = t0 + Duration::from_secs(20);
-        assert_eq!(limiter.blocked_at(a, later), Some(Duration::from_secs(40)));
+        assert_eq!(
+            limiter.blocked_at(a, &Target::Api, later),
+            Some(Duration::from_secs(40))
+        );
         // Another address is not affected.
-        assert_eq!(limiter.blocked_at(ip("192.0.2.2"), later), None);
+        assert_eq!(
+            limiter.blocked_at(ip("192.0.2.2"), &Target::Api, later),
+            None
+        );
         // The window ends; a new one starts with the next failure.
         let after = t0 + WINDOW;
-        assert_eq!(limiter.blocked_at(a, after), None);
-        assert_eq!(limiter.record_failure_at(a, after).failures, 1);
-        assert_eq!(limiter.blocked_at(a, after), None);
+        assert_eq!(limiter.blocked_at(a, &Target::Api, after), None);
+        assert_eq!(limiter.record_failure_at(a, Target::Api, after).failures, 1);
+        assert_eq!(limiter.blocked_at(a, &Target::Api, after), None);
+    }
+
+    #[test]
+    fn targets_are_counted_apart() {
+        let limiter = AuthLimiter::new(2, 100);
+        let t0 = Instant::now();
+        let a = ip("192.0.2.1");
+        let mistyped = Target::Policy("mistyped".to_owned());
+        limiter.record_failure_at(a, mistyped.clone(), t0);
+        assert!(
+            limiter
+                .record_failure_at(a, mistyped.clone(), t0)
+                .now_blocked
+        );
+        assert!(limiter.blocked_at(a, &mistyped, t0).is_some());
+        // The same address is not refused on another policy, nor on the API.
+        assert!(limiter
+            .blocked_at(a, &Target::Policy("other".to_owned()), t0)
+            .is_none());
+        assert!(limiter.blocked_at(a, &Target::Api, t0).is_none());
+        // Unknown policy ids share one count.
+        limiter.record_failure_at(a, Target::UnknownPolicy, t0);
+        limiter.record_failure_at(a, Target::UnknownPolicy, t0);
+        assert!(limiter.blocked_at(a, &Target::UnknownPolicy, t0).is_some());
     }
 
     #[test]
@@ -255,9 +313,9 @@ mod tests {
         let limiter = AuthLimiter::new(0, 100);
         let a = ip("192.0.2.1");
         for _ in 0..1000 {
-            limiter.record_failure(a);
+            limiter.record_failure(a, Target::Api);
         }
-        assert_eq!(limiter.blocked(a), None);
+        assert_eq!(limiter.blocked(a, &Target::Api), None);
         assert_eq!(limiter.tracked(), 0);
     }
 
@@ -265,13 +323,19 @@ mod tests {
     fn ipv6_counts_per_64_and_mapped_v4_as_v4() {
         let limiter = AuthLimiter::new(2, 100);
         let t0 = Instant::now();
-        limiter.record_failure_at(ip("2001:db8:1:2::1"), t0);
-        limiter.record_failure_at(ip("2001:db8:1:2:ffff::9"), t0);
-        assert!(limiter.blocked_at(ip("2001:db8:1:2::77"), t0).is_some());
-        assert!(limiter.blocked_at(ip("2001:db8:1:3::1"), t0).is_none());
-        limiter.record_failure_at(ip("::ffff:192.0.2.7"), t0);
-        limiter.record_failure_at(ip("192.0.2.7"), t0);
-        assert!(limiter.blocked_at(ip("192.0.2.7"), t0).is_some());
+        limiter.record_failure_at(ip("2001:db8:1:2::1"), Target::Api, t0);
+        limiter.record_failure_at(ip("2001:db8:1:2:ffff::9"), Target::Api, t0);
+        assert!(limiter
+            .blocked_at(ip("2001:db8:1:2::77"), &Target::Api, t0)
+            .is_some());
+        assert!(limiter
+            .blocked_at(ip("2001:db8:1:3::1"), &Target::Api, t0)
+            .is_none());
+        limiter.record_failure_at(ip("::ffff:192.0.2.7"), Target::Api, t0);
+        limiter.record_failure_at(ip("192.0.2.7"), Target::Api, t0);
+        assert!(limiter
+            .blocked_at(ip("192.0.2.7"), &Target::Api, t0)
+            .is_some());
     }
 
     #[test]
@@ -280,22 +344,22 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..5000u32 {
             let at = t0 + Duration::from_millis(u64::from(i));
-            limiter.record_failure_at(IpAddr::from(i.to_be_bytes()), at);
+            limiter.record_failure_at(IpAddr::from(i.to_be_bytes()), Target::Api, at);
             assert!(limiter.tracked() <= 1000);
         }
         let now = t0 + Duration::from_millis(5000);
         // The newest are still blocked, the oldest were evicted.
         assert!(limiter
-            .blocked_at(IpAddr::from(4999u32.to_be_bytes()), now)
+            .blocked_at(IpAddr::from(4999u32.to_be_bytes()), &Target::Api, now)
             .is_some());
         assert!(limiter
-            .blocked_at(IpAddr::from(0u32.to_be_bytes()), now)
+            .blocked_at(IpAddr::from(0u32.to_be_bytes()), &Target::Api, now)
             .is_none());
         // Restarting windows does not grow the order without bound.
         let limiter = AuthLimiter::new(1, 10);
         for round in 0..1000u64 {
             let at = t0 + WINDOW * u32::try_from(round).unwrap();
-            limiter.record_failure_at(ip("192.0.2.1"), at);
+            limiter.record_failure_at(ip("192.0.2.1"), Target::Api, at);
         }
         assert!(limiter.lock().order.len() <= 64);
     }

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::metrics::Outcome;
+use crate::ratelimit::Target;
 use crate::state::{AppState, AuthenticatedPoller};
 use crate::store::{
     DeliveryId, ExpectOutcome, Expectation, NewDelivery, NewQuarantine, PutOutcome, StoreError,
@@ -278,7 +279,8 @@ async fn limited_dispatch(
         return dispatch(state, req).await;
     }
     let ip = peer.ip();
-    if let Some(wait) = state.auth_limiter.blocked(ip) {
+    let target = limit_target(&state, &path);
+    if let Some(wait) = state.auth_limiter.blocked(ip, &target) {
         tracing::warn!(%ip, path = %path, "request refused: too many failed authentications");
         let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         return ApiError::TooManyRequests {
@@ -288,7 +290,7 @@ async fn limited_dispatch(
     }
     let response = dispatch(state.clone(), req).await;
     if response.status() == StatusCode::UNAUTHORIZED {
-        let failure = state.auth_limiter.record_failure(ip);
+        let failure = state.auth_limiter.record_failure(ip, target);
         let reason = response
             .extensions()
             .get::<AuthFailureReason>()
@@ -306,6 +308,18 @@ async fn limited_dispatch(
         }
     }
     response
+}
+
+/// What the limiter counts a request's failures against: its configured policy, any unknown
+/// policy, or the integrator API.
+fn limit_target(state: &AppState, path: &str) -> Target {
+    match route(path) {
+        Route::Callback(id) if state.access().policies.contains_key(id) => {
+            Target::Policy(id.to_owned())
+        }
+        _ if path.starts_with("/callback/") => Target::UnknownPolicy,
+        _ => Target::Api,
+    }
 }
 
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
@@ -575,16 +589,39 @@ async fn check_bearer(
     }
 }
 
+/// Whether `Accept` asks for the JSON summary: `application/json` is named with a non-zero
+/// quality, and no XML type (`application/xml`, `text/xml`) is named with a higher one. The raw
+/// XML stays the default for every other `Accept`, `*/*` included.
 fn wants_json(headers: &http::HeaderMap) -> bool {
-    headers
+    let mut json: Option<f32> = None;
+    let mut xml: Option<f32> = None;
+    for range in headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|range| {
-            let media = range.split(';').next().unwrap_or("").trim();
-            media.eq_ignore_ascii_case("application/json")
-        })
+    {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        let quality = parts
+            .filter_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        let slot = if media.eq_ignore_ascii_case("application/json") {
+            &mut json
+        } else if media.eq_ignore_ascii_case("application/xml")
+            || media.eq_ignore_ascii_case("text/xml")
+        {
+            &mut xml
+        } else {
+            continue;
+        };
+        *slot = Some(slot.map_or(quality, |q: f32| q.max(quality)));
+    }
+    match json {
+        Some(q) if q > 0.0 => xml.is_none_or(|x| q >= x),
+        _ => false,
+    }
 }
 
 /// The query parameters of a request, percent-decoded; later duplicates win.
@@ -757,7 +794,13 @@ async fn delivery_response(
             .headers()
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+            .is_some_and(|v| {
+                // Weak comparison (RFC 9110, 13.1.2): `W/"x"` matches `"x"`.
+                v.split(',').any(|t| {
+                    let t = t.trim();
+                    t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
+                })
+            });
         if not_modified {
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::NOT_MODIFIED;

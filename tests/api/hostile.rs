@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use crate::callbacks::assert_served_raw;
 use crate::helpers::{
     basic, client_config, headers, response_doc, spawn_app, spawn_app_with, Answer, TestApp,
-    PASSWORD, POLICY, TOKEN_ALL, USER,
+    PASSWORD, POLICY, SECOND_PASSWORD, SECOND_POLICY, SECOND_USER, TOKEN_ALL, USER,
 };
 
 /// The most any hostile request may take to be answered (or cut) in these tests.
@@ -548,24 +548,55 @@ async fn password_guessing_gets_429_per_address_and_others_are_not_limited() {
     )
     .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-    // The blocked address is also refused on the API, and the health check still answers it.
+    // Failures count per target: the same address is still served on another policy and on
+    // the API (a mistyped transport policy must not get the gateway refused everywhere), and
+    // the health check answers it.
+    let second = headers(&[("authorization", &basic(SECOND_USER, SECOND_PASSWORD))]);
+    let answer = request_from(
+        &app,
+        attacker,
+        Method::POST,
+        &format!("/callback/{SECOND_POLICY}"),
+        second,
+        response_doc("other-policy", "x"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     let bearer = headers(&[("authorization", &format!("Bearer {TOKEN_ALL}"))]);
     let answer = request_from(
         &app,
         attacker,
         Method::GET,
-        "/v1/responses/guessed",
+        "/v1/responses/other-policy",
         bearer.clone(),
         Bytes::new(),
     )
     .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    // Unknown policy ids share one count, so trying many of them gains nothing.
+    for attempt in 1..=5 {
+        let answer = request_from(
+            &app,
+            attacker,
+            Method::POST,
+            &format!("/callback/no-such-policy-{attempt}"),
+            wrong.clone(),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "attempt {attempt}");
+    }
+    let answer = request_from(
+        &app,
+        attacker,
+        Method::POST,
+        "/callback/yet-another-policy",
+        wrong.clone(),
+        body.clone(),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(
-        answer.json()["error"]
-            .as_str()
-            .map(|s| s.contains("too many")),
-        Some(true)
-    );
+    assert!(answer.text().contains("too many"), "{}", answer.text());
     let answer = request_from(
         &app,
         attacker,
@@ -603,6 +634,12 @@ async fn password_guessing_gets_429_per_address_and_others_are_not_limited() {
     .await;
     assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(answer.header("retry-after").is_some());
+    assert_eq!(
+        answer.json()["error"]
+            .as_str()
+            .map(|s| s.contains("too many")),
+        Some(true)
+    );
     // A poller with the right token from elsewhere reads the callback.
     let answer = request_from(
         &app,

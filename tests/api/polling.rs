@@ -177,6 +177,51 @@ async fn accept_json_gives_the_summary_and_otherwise_the_raw_bytes() {
         .await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body, body);
+    // Qualities count: XML preferred over JSON, JSON refused, or only wildcards give the raw
+    // bytes; JSON preferred over XML gives the summary.
+    for (accept, wants_json) in [
+        ("application/json;q=0.9, application/xml", false),
+        ("application/json; q=0", false),
+        ("*/*", false),
+        ("text/xml;q=0.5, application/json", true),
+    ] {
+        let answer = app
+            .request(
+                Method::GET,
+                "/v1/responses/accept",
+                headers(&[
+                    ("authorization", &format!("Bearer {TOKEN_ALL}")),
+                    ("accept", accept),
+                ]),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{accept}");
+        if wants_json {
+            assert_eq!(answer.json()["controlid"], json!("accept"), "{accept}");
+        } else {
+            assert_eq!(answer.body, body, "{accept}");
+        }
+    }
+    // A weak validator matches too (If-None-Match uses the weak comparison).
+    for tag in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"other\", {etag}"),
+    ] {
+        let answer = app
+            .request(
+                Method::GET,
+                "/v1/responses/accept",
+                headers(&[
+                    ("authorization", &format!("Bearer {TOKEN_ALL}")),
+                    ("if-none-match", &tag),
+                ]),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::NOT_MODIFIED, "{tag}");
+    }
 }
 
 #[tokio::test]
