@@ -330,7 +330,7 @@ impl Config {
         let file: raw::File = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_string(),
             line: e.span().map(|s| ctx.line(s.start)).unwrap_or(1),
-            message: e.message().trim().to_string(),
+            message: one_line(e.message()),
         })?;
 
         let listen: SocketAddr = file.listen.get_ref().parse().map_err(|_| {
@@ -507,6 +507,17 @@ impl Config {
             self.max_body_bytes,
         )
     }
+}
+
+/// A parser message on one line: toml puts hints such as ``expected `"`, `'` `` on lines of
+/// their own, and an error is one line on stderr and one log record.
+pub(crate) fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The `metrics_token` or `metrics_token_hash`: the rules of a poller's token.
@@ -858,6 +869,14 @@ key = "key.pem"
         let text = err.to_string();
         assert!(text.contains("test.toml:10"), "{text}");
         assert!(text.contains("usr"), "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line() {
+        let err = Config::from_toml("listen = \n", "t.toml", Path::new("/")).expect_err("bad");
+        let text = err.to_string();
+        assert!(text.starts_with("t.toml:1: "), "{text}");
+        assert!(!text.contains('\n'), "{text:?}");
     }
 
     #[test]

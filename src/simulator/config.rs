@@ -315,7 +315,7 @@ impl SimConfig {
         let file: raw::File = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_string(),
             line: e.span().map(|s| ctx.line(s.start)).unwrap_or(1),
-            message: e.message().trim().to_string(),
+            message: crate::config::one_line(e.message()),
         })?;
         let resolve = |p: &str| {
             let p = PathBuf::from(p);
