@@ -2,10 +2,12 @@
 //! watchdog.
 //!
 //! Every function is a no-op when `NOTIFY_SOCKET` is not set (not started by systemd). The
-//! watchdog does not ping on a timer alone: each `WATCHDOG=1` follows a successful durable
-//! probe write to the store ([`Store::check_writable`]) within the ping interval, so a store
-//! that hangs or a disk that fails makes systemd restart the service (`WatchdogSec=`), while a
-//! process that merely runs does not count as alive.
+//! watchdog does not ping on a timer alone: each `WATCHDOG=1` follows a probe write to the store
+//! ([`Store::check_writable`]) answered within the ping interval, so a store that hangs or fails
+//! makes systemd restart the service (`WatchdogSec=`), while a process that merely runs does not
+//! count as alive. A probe refused for want of disk space still pings: the service is alive,
+//! answers `503` (and `/readyz` says so), and resumes by itself once space is freed, whereas a
+//! restart every half minute would only turn those `503`s into refused connections.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,8 +55,9 @@ pub fn watchdog_timeout() -> Option<Duration> {
 }
 
 /// Starts the watchdog task when systemd asked for one: every half `WATCHDOG_USEC` it makes a
-/// probe write to `store` and sends `WATCHDOG=1` only if the write became durable within that
-/// half interval. Returns the task, to abort at shutdown.
+/// probe write to `store` and sends `WATCHDOG=1` only if the write became durable, or was
+/// refused for want of disk space, within that half interval. Returns the task, to abort at
+/// shutdown.
 pub fn spawn_watchdog(store: Arc<dyn Store>) -> Option<tokio::task::JoinHandle<()>> {
     let timeout = watchdog_timeout()?;
     let every = timeout / 2;
@@ -82,6 +85,13 @@ async fn watchdog(store: Arc<dyn Store>, every: Duration) {
             }
             // The store closes at the end of shutdown: nothing left to watch.
             Ok(Err(StoreError::Closed)) => return,
+            Ok(Err(e)) if e.is_out_of_space() => {
+                if !failing {
+                    tracing::error!(error = %e, "store probe refused for want of disk space; the service answers 503 until space is freed (watchdog pings go on: a restart would not help)");
+                }
+                failing = true;
+                send(&[NotifyState::Watchdog]);
+            }
             Ok(Err(e)) => {
                 if !failing {
                     tracing::error!(error = %e, "store probe failed; withholding watchdog pings (systemd restarts the service after WatchdogSec)");

@@ -219,6 +219,23 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether this is a refusal for want of disk space (the free-space reserve, or `ENOSPC`
+    /// from the file system): a state the store leaves by itself once space is freed, and that
+    /// restarting the process cannot cure.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StoreError::Io(message) => {
+                message.contains("storage full")
+                    || message.contains("No space left on device")
+                    || message.contains("os error 28")
+                    || message.contains("Disk quota exceeded")
+            }
+            StoreError::Corrupt { .. } | StoreError::Closed => false,
+        }
+    }
+}
+
 /// Durable storage of deliveries. See the module documentation for the invariants.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -299,4 +316,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes everything and stops the writer; later writes fail with [`StoreError::Closed`].
     async fn close(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreError;
+
+    #[test]
+    fn out_of_space_is_told_apart_from_other_failures() {
+        let enospc = std::io::Error::from_raw_os_error(28);
+        assert!(StoreError::Io(enospc.to_string()).is_out_of_space());
+        assert!(StoreError::Io(
+            "storage full: the data directory is below its free-space reserve".into()
+        )
+        .is_out_of_space());
+        let eio = std::io::Error::from_raw_os_error(5);
+        assert!(!StoreError::Io(eio.to_string()).is_out_of_space());
+        assert!(!StoreError::Closed.is_out_of_space());
+    }
 }
