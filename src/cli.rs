@@ -63,6 +63,16 @@ pub enum Command {
         #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
     },
+    /// Salvage the database of a stopped service that cannot be opened after a crash.
+    ///
+    /// Works on a copy: reads every delivery, quarantined body and expectation it can into a
+    /// fresh database in data_dir, and keeps the broken files in data_dir/recovery-TIMESTAMP/broken.
+    /// A database that opens and reads is left alone.
+    Recover {
+        /// The configuration file (its data_dir is recovered).
+        #[arg(long, env = "CALLBACK_RECEIVER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Wait for the response to CONTROLID and print it (raw XML, or the JSON summary).
     ///
     /// Long-polls GET {BASE_URL}/v1/responses/{CONTROLID}?wait=S with the poller's bearer token,
@@ -136,9 +146,7 @@ pub fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{line} (see --help)");
+            eprintln!("{} (see --help)", first_paragraph(&e.render().to_string()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -148,8 +156,25 @@ pub fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Export { config, out } => backup_report(crate::backup::export(&config, &out)),
         Command::Import { config, input } => backup_report(crate::backup::import(&config, &input)),
+        Command::Recover { config } => recover(&config),
         Command::Wait(args) => wait(args),
         Command::SimulateGateway { config } => simulate_gateway(&config),
+    }
+}
+
+/// The first paragraph of a clap error on one line: `error: the following required arguments
+/// were not provided:` is followed by the list on lines of its own, which must not be lost.
+fn first_paragraph(rendered: &str) -> String {
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.is_empty() {
+        "error: invalid arguments".to_owned()
+    } else {
+        line
     }
 }
 
@@ -166,6 +191,22 @@ fn backup_report(result: Result<String, crate::backup::BackupError>) -> ExitCode
             ExitCode::SUCCESS
         }
         Err(e) => fail(e.exit_code(), e),
+    }
+}
+
+/// `recover`: salvages the data_dir of a stopped service; the summary on one stderr line.
+fn recover(path: &Path) -> ExitCode {
+    let config = match Config::from_file(path) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    telemetry::init_with(config.log_format, config.log_timestamps);
+    match crate::store::sled_store::recover(&config.data_dir) {
+        Ok(report) => {
+            eprintln!("{}: {report}", config.data_dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
     }
 }
 

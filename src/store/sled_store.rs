@@ -80,8 +80,10 @@ use super::{
 use crate::xml::Extracted;
 
 mod backup;
+mod recovery;
 
 pub use backup::{is_locked_error, restore_into, BackupCounts, BackupItem, RestoreError};
+pub use recovery::{recover, RecoverError, RecoverReport, RECOVER_HINT};
 
 /// Prefix of delivery records.
 const META: u8 = b'm';
@@ -1524,11 +1526,17 @@ struct Opened {
 fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
     fs::create_dir_all(dir)
         .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(options.cache_capacity_bytes)
-        .open()
-        .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.display())))?;
+    recovery::check_no_recovery_in_progress(dir)?;
+    recovery::remove_unfinished_snapshots(dir)?;
+    let db = recovery::open_sled(dir, options.cache_capacity_bytes).map_err(|e| {
+        // A lock held by another process keeps its own message (see `is_locked_error`);
+        // anything else means sled cannot recover the directory by itself.
+        if e.contains("could not acquire lock") {
+            StoreError::Io(format!("opening {}: {e}", dir.display()))
+        } else {
+            StoreError::Io(format!("opening {}: {e}; {RECOVER_HINT}", dir.display()))
+        }
+    })?;
 
     let next_id = initial_next_id(&db)?;
     let deliveries = match read_counter(&db, DELIVERIES_KEY)? {

@@ -107,6 +107,18 @@ fn wrong_flags_and_missing_files_are_one_line_errors() {
         let out = run(args, "");
         assert_one_line_error(&format!("{args:?}"), &out, None);
     }
+    // A missing argument is named, not left as an empty list.
+    let out = run(&["check-config"], "");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--config"), "{stderr:?}");
+    // A TOML syntax error is one line too (toml's hint goes on the same line).
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "listen = \n").expect("write");
+    let out = run(
+        &["check-config", "--config", broken.to_str().expect("utf-8")],
+        "",
+    );
+    assert_one_line_error("syntax error", &out, Some(2));
 }
 
 #[test]
