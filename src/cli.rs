@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check-config`, `hash-password`, `wait`.
+//! The command line: `serve`, `check-config`, `hash-password`, `export`, `import`, `recover`,
+//! `wait` and `simulate-gateway`.
 //!
 //! This is the edge of the program: errors become one line on stderr and an exit code
 //! (2 for usage and configuration errors, 1 for failures at run time).

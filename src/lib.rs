@@ -6,7 +6,8 @@
 //! answers `200`. Integrators fetch results on `/v1/responses/{controlid}` with a bearer token.
 //!
 //! Modules:
-//! - [`cli`]: the commands (`serve`, `check-config`, `hash-password`, `wait`);
+//! - [`cli`]: the commands (`serve`, `check-config`, `hash-password`, `export`, `import`,
+//!   `recover`, `wait`, `simulate-gateway`);
 //! - [`client`]: a small HTTPS client (one request per connection) for `wait` and the tests;
 //! - [`config`]: the typed TOML configuration and the dev profile;
 //! - [`app`]: wiring of store, TLS and listener; [`server`]: the accept loop;
