@@ -991,22 +991,17 @@ impl Writer {
         }
         let record = encode_delivery(delivery)?;
         let id = self.take_id();
-        batch.insert(&id_key(META, id)[..], record);
-        batch.insert(&id_key(BODY, id)[..], &delivery.body[..]);
-        match &delivery.extracted.controlid {
-            Some(controlid) => batch.insert(
-                controlid_key(controlid, id),
-                controlid_value(&delivery.sha256, delivery.received_at_ms, &delivery.policy),
-            ),
-            None => batch.insert(
-                unmatched_key(&delivery.policy, &delivery.sha256),
-                &id.to_be_bytes()[..],
-            ),
-        }
-        batch.insert(policy_key(&delivery.policy, id), &[][..]);
-        batch.insert(
-            &time_key(delivery.received_at_ms, id)[..],
-            &[KIND_DELIVERY][..],
+        insert_delivery(
+            &mut batch,
+            DeliveryKeys {
+                id,
+                controlid: delivery.extracted.controlid.as_deref(),
+                sha256: &delivery.sha256,
+                received_at_ms: delivery.received_at_ms,
+                policy: &delivery.policy,
+            },
+            record,
+            &delivery.body,
         );
         batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
         batch.insert(DELIVERIES_KEY, &(self.deliveries + 1).to_be_bytes()[..]);
@@ -1788,6 +1783,45 @@ fn count_prefix(db: &sled::Db, prefix: u8) -> Result<u64, StoreError> {
 /// Maps a sled error.
 fn sled_error(e: sled::Error) -> StoreError {
     StoreError::Io(format!("sled: {e}"))
+}
+
+/// What the keys of one stored delivery are made of.
+struct DeliveryKeys<'a> {
+    /// Its id.
+    id: u64,
+    /// Its control-level controlid, `None` when unmatched.
+    controlid: Option<&'a str>,
+    /// The SHA-256 of its body.
+    sha256: &'a [u8; 32],
+    /// When it arrived, in Unix milliseconds.
+    received_at_ms: i64,
+    /// The policy it was posted to.
+    policy: &'a str,
+}
+
+/// Adds one delivery's records (`meta`, the encoded record, and `body`) and its index entries
+/// (by controlid or as unmatched, by policy, by time) to `batch`: the one place that knows
+/// which keys a delivery has, for the writer and for a restore alike. The counters are the
+/// caller's.
+fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8>, body: &[u8]) {
+    let DeliveryKeys {
+        id,
+        controlid,
+        sha256,
+        received_at_ms,
+        policy,
+    } = keys;
+    batch.insert(&id_key(META, id)[..], meta);
+    batch.insert(&id_key(BODY, id)[..], body);
+    match controlid {
+        Some(controlid) => batch.insert(
+            controlid_key(controlid, id),
+            controlid_value(sha256, received_at_ms, policy),
+        ),
+        None => batch.insert(unmatched_key(policy, sha256), &id.to_be_bytes()[..]),
+    }
+    batch.insert(policy_key(policy, id), &[][..]);
+    batch.insert(&time_key(received_at_ms, id)[..], &[KIND_DELIVERY][..]);
 }
 
 /// `prefix` followed by the big-endian id.

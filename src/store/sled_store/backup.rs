@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::{
-    controlid_key, controlid_value, decode_delivery, decode_expectation, decode_quarantine, encode,
-    expect_key, expect_time_key, id_key, id_suffix, policy_key, read_bytes, sled_error, sync_dir,
-    time_key, unmatched_key, SledOptions, SledStore, StoredDeliveryRef, StoredQuarantineRef, BODY,
-    DELIVERIES_KEY, EXPECT, KIND_DELIVERY, KIND_QUARANTINE, META, NEXT_ID_KEY, QBODY, QMETA,
-    QUARANTINED_KEY,
+    decode_delivery, decode_expectation, decode_quarantine, encode, expect_key, expect_time_key,
+    id_key, id_suffix, insert_delivery, read_bytes, sled_error, sync_dir, time_key, DeliveryKeys,
+    SledOptions, SledStore, StoredDeliveryRef, StoredQuarantineRef, BODY, DELIVERIES_KEY, EXPECT,
+    KIND_QUARANTINE, META, NEXT_ID_KEY, QBODY, QMETA, QUARANTINED_KEY,
 };
 use crate::store::{DeliveryRecord, Expectation, QuarantineRecord, StoreError};
 
@@ -307,23 +306,17 @@ impl Restorer {
                     sha256: hex::encode(record.sha256),
                     extracted: &record.extracted,
                 };
-                let batch = &mut self.batch;
-                batch.insert(&id_key(META, id)[..], encode(&stored, "restored delivery")?);
-                batch.insert(&id_key(BODY, id)[..], &body[..]);
-                match &record.extracted.controlid {
-                    Some(controlid) => batch.insert(
-                        controlid_key(controlid, id),
-                        controlid_value(&record.sha256, record.received_at_ms, &record.policy),
-                    ),
-                    None => batch.insert(
-                        unmatched_key(&record.policy, &record.sha256),
-                        &id.to_be_bytes()[..],
-                    ),
-                }
-                batch.insert(policy_key(&record.policy, id), &[][..]);
-                batch.insert(
-                    &time_key(record.received_at_ms, id)[..],
-                    &[KIND_DELIVERY][..],
+                insert_delivery(
+                    &mut self.batch,
+                    DeliveryKeys {
+                        id,
+                        controlid: record.extracted.controlid.as_deref(),
+                        sha256: &record.sha256,
+                        received_at_ms: record.received_at_ms,
+                        policy: &record.policy,
+                    },
+                    encode(&stored, "restored delivery")?,
+                    body,
                 );
                 self.counts.deliveries += 1;
                 self.batch_bytes += body.len();
