@@ -69,6 +69,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Time a connection may stay open with no request in flight (HTTP/1.1 keep-alive, or an
+    /// HTTP/2 connection kept up by pings) before the server closes it.
+    pub idle_timeout: Duration,
     /// Longest pause allowed between two pieces of a request body.
     pub body_read_timeout: Duration,
     /// Connections served at once; further ones wait in the kernel's accept queue.
@@ -94,6 +97,7 @@ impl Default for Limits {
         Self {
             header_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(30),
@@ -212,6 +216,7 @@ mod raw {
         pub purge_interval_seconds: Option<Spanned<i64>>,
         pub header_timeout_seconds: Option<Spanned<i64>>,
         pub handshake_timeout_seconds: Option<Spanned<i64>>,
+        pub idle_timeout_seconds: Option<Spanned<i64>>,
         pub body_read_timeout_seconds: Option<Spanned<i64>>,
         pub max_connections: Option<Spanned<i64>>,
         pub shutdown_grace_seconds: Option<Spanned<i64>>,
@@ -368,6 +373,12 @@ impl Config {
                 "handshake_timeout_seconds",
                 defaults.handshake_timeout,
                 3600,
+            )?,
+            idle_timeout: secs(
+                &file.idle_timeout_seconds,
+                "idle_timeout_seconds",
+                defaults.idle_timeout,
+                86_400,
             )?,
             body_read_timeout: secs(
                 &file.body_read_timeout_seconds,

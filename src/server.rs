@@ -1,17 +1,24 @@
 //! The accept loop: connection cap, TLS handshake under a timeout, HTTP/1.1 and HTTP/2 serving
-//! with header timeouts, and graceful drain at shutdown.
+//! with header timeouts, an idle timeout per connection, and graceful drain at shutdown.
+//!
+//! Each connection task drives its hyper connection itself and asks it to shut down gracefully
+//! (HTTP/1.1: after the response in flight; HTTP/2: `GOAWAY`, open streams finish) when the
+//! service stops or when no request has been in flight for `idle_timeout`. The drain at
+//! shutdown waits until every connection permit is back, that is until every connection task
+//! has ended.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::conn_guard::FirstBytes;
@@ -28,7 +35,6 @@ pub async fn run(
 ) {
     let limits = state.limits.clone();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -76,29 +82,77 @@ pub async fn run(
         let acceptor = acceptor.clone();
         let state = state.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = limits.handshake_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            serve_connection(
-                tcp,
-                peer,
-                acceptor,
-                state,
-                builder,
-                watcher,
-                handshake_timeout,
-            )
-            .await;
+            serve_connection(tcp, peer, acceptor, state, builder).await;
         });
     }
     drop(listener);
     let grace = state.limits.shutdown_grace;
     tracing::info!("stopped accepting; draining connections for up to {grace:?}");
+    // Every connection task holds a permit until it ends: all of them back means all closed.
     state.begin_shutdown();
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = permits.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+}
+
+/// The requests in flight on one connection, and since when it has had none.
+#[derive(Debug)]
+struct Activity {
+    /// Requests whose handler has not returned yet.
+    in_flight: AtomicUsize,
+    /// When the last request in flight ended (or the connection began).
+    idle_since: Mutex<Instant>,
+    /// Signalled when a request begins or ends (`notify_one`, so a change is never missed).
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+        InFlight(self.clone())
+    }
+
+    /// When the connection will have been idle for `timeout`, or `None` while a request is in
+    /// flight.
+    fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(since + timeout)
+    }
+}
+
+/// A request in flight on its connection's [`Activity`].
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *activity
+                .idle_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        }
+        activity.changed.notify_one();
     }
 }
 
@@ -108,10 +162,9 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     state: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
-    handshake_timeout: Duration,
 ) {
     let _ = tcp.set_nodelay(true);
+    let handshake_timeout = state.limits.handshake_timeout;
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -126,9 +179,59 @@ async fn serve_connection(
     // The first bytes (HTTP/2 preface or HTTP/1.1 request line) must come within the header
     // timeout: nothing else bounds the protocol detection and the HTTP/2 preface.
     let tls = FirstBytes::new(tls, state.limits.header_timeout);
-    let service = service_fn(move |req| routes::handle(state.clone(), peer, req));
+    let idle_timeout = state.limits.idle_timeout;
+    let activity = Activity::new();
+    let service = {
+        let state = state.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let in_flight = activity.begin();
+            let handled = routes::handle(state.clone(), peer, req);
+            async move {
+                let response = handled.await;
+                drop(in_flight);
+                response
+            }
+        })
+    };
     let conn = builder.serve_connection(TokioIo::new(tls), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    tokio::pin!(conn);
+    let stopping = state.stopping();
+    tokio::pin!(stopping);
+    let mut closing = false;
+    loop {
+        let deadline = activity.idle_deadline(idle_timeout);
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = &mut stopping, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = sleep_until_some(deadline), if !closing => {
+                // A request may have begun since the deadline was computed: look again.
+                if activity
+                    .idle_deadline(idle_timeout)
+                    .is_some_and(|d| d <= Instant::now())
+                {
+                    tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            () = activity.changed.notified(), if !closing => {}
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

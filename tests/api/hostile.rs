@@ -682,3 +682,61 @@ async fn the_limiter_can_be_turned_off() {
     }
     assert_eq!(app.state.auth_limiter.tracked(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let app = spawn_app_with(|c| c.limits.idle_timeout = Duration::from_secs(1)).await;
+
+    // HTTP/1.1 keep-alive: one answer, then the idle connection is closed, well before the
+    // 10-second header timeout could have done it.
+    let mut h1 = app.tls_connect(app.tls_h1.clone()).await;
+    h1.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let got = closed_within(&mut h1, Duration::from_secs(8))
+        .await
+        .expect("an idle HTTP/1.1 connection was left open");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the idle timeout"
+    );
+
+    // HTTP/2: pings keep the connection up, but with no stream open it gets GOAWAY and ends.
+    let tls = app.tls_connect(app.tls_h2.clone()).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("http/2 handshake");
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get(format!("https://localhost:{}/healthz", app.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let answer = sender.send_request(req).await.expect("h2 answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(8), driver)
+        .await
+        .expect("an idle HTTP/2 connection was left open")
+        .expect("driver task")
+        .ok();
+
+    // A request in flight is not idleness: a long-poll outlives the idle timeout on its
+    // connection and gets its answer; the connection closes once it is idle again.
+    let mut busy = app.tls_connect(app.tls_h1.clone()).await;
+    let poll = format!(
+        "GET /v1/responses/never-sent?wait=3 HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {TOKEN_ALL}\r\n\r\n"
+    );
+    busy.write_all(poll.as_bytes()).await.expect("write");
+    let got = closed_within(&mut busy, Duration::from_secs(10))
+        .await
+        .expect("the connection stayed open after its long-poll");
+    assert!(
+        got.starts_with(b"HTTP/1.1 404"),
+        "the long-poll was cut: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
