@@ -430,7 +430,7 @@ async fn callback(
                     reason: reason.clone(),
                 })
                 .await?;
-            tracing::warn!(policy = %policy_id, quarantine_id = %id, size = body.len(), %reason, "callback refused; body kept in quarantine");
+            tracing::warn!(policy = %policy_id, quarantine_id = %id, size = body.len(), reason = %reason.to_string().escape_debug(), "callback refused; body kept in quarantine");
             let size = body.len() as u64;
             state
                 .metrics
@@ -503,7 +503,8 @@ async fn check_basic(
     };
     let access = state.access();
     let Some(policy) = access.policies.get(policy_id) else {
-        tracing::warn!(policy = %policy_id, "callback for an unknown policy");
+        // The id comes from the URL, unchecked: escaped, so that it cannot forge log lines.
+        tracing::warn!(policy = %policy_id.escape_debug(), "callback for an unknown policy");
         return Err(unauthorized("unknown policy or wrong credentials"));
     };
     let Some(expected) = &policy.credentials else {
@@ -966,7 +967,7 @@ async fn delete_response(
     if removed == 0 && forgotten == 0 {
         return Err(ApiError::NotFound);
     }
-    tracing::info!(poller = %poller.name, controlid = %controlid, removed, "response acknowledged and deleted");
+    tracing::info!(poller = %poller.name, controlid = %controlid.escape_debug(), removed, "response acknowledged and deleted");
     Ok(no_content())
 }
 

@@ -219,20 +219,18 @@ pub enum StoreError {
     Closed,
 }
 
+/// The message of a write refused because the data directory's free space is below its reserve
+/// (`min_free_disk_bytes`): the refusal happens before anything reaches the disk.
+pub const NO_SPACE_MESSAGE: &str =
+    "storage full: not enough free space in the data directory for this write and its reserve";
+
 impl StoreError {
-    /// Whether this is a refusal for want of disk space (the free-space reserve, or `ENOSPC`
-    /// from the file system): a state the store leaves by itself once space is freed, and that
-    /// restarting the process cannot cure.
+    /// Whether this is a write refused for want of space *before* it reached the disk (the
+    /// free-space reserve): the store itself is healthy, and takes writes again by itself once
+    /// space is freed, so restarting the process would cure nothing. A real `ENOSPC` from the
+    /// file system is not this: it leaves sled's handle broken, and is an ordinary I/O error.
     pub fn is_out_of_space(&self) -> bool {
-        match self {
-            StoreError::Io(message) => {
-                message.contains("storage full")
-                    || message.contains("No space left on device")
-                    || message.contains("os error 28")
-                    || message.contains("Disk quota exceeded")
-            }
-            StoreError::Corrupt { .. } | StoreError::Closed => false,
-        }
+        matches!(self, StoreError::Io(message) if message.starts_with(NO_SPACE_MESSAGE))
     }
 }
 
@@ -324,12 +322,10 @@ mod tests {
 
     #[test]
     fn out_of_space_is_told_apart_from_other_failures() {
+        assert!(StoreError::Io(super::NO_SPACE_MESSAGE.to_owned()).is_out_of_space());
+        // A real ENOSPC breaks sled's handle: an i/o error like any other.
         let enospc = std::io::Error::from_raw_os_error(28);
-        assert!(StoreError::Io(enospc.to_string()).is_out_of_space());
-        assert!(StoreError::Io(
-            "storage full: the data directory is below its free-space reserve".into()
-        )
-        .is_out_of_space());
+        assert!(!StoreError::Io(format!("sled: {enospc}")).is_out_of_space());
         let eio = std::io::Error::from_raw_os_error(5);
         assert!(!StoreError::Io(eio.to_string()).is_out_of_space());
         assert!(!StoreError::Closed.is_out_of_space());

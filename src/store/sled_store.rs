@@ -75,7 +75,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     DeliveryId, DeliveryRecord, ExpectOutcome, Expectation, Latest, NewDelivery, NewQuarantine,
-    PutOutcome, QuarantineRecord, Scope, Store, StoreError, StoreStats,
+    PutOutcome, QuarantineRecord, Scope, Store, StoreError, StoreStats, NO_SPACE_MESSAGE,
 };
 use crate::xml::Extracted;
 
@@ -343,7 +343,7 @@ impl SledStore {
             dir: dir.to_path_buf(),
             options: options.clone(),
             broken: None,
-            short_of_space: false,
+            short_of_space: None,
             rx,
             max_batch,
             next_id,
@@ -451,6 +451,18 @@ impl SledStore {
             .await
             .map_err(|e| StoreError::Io(format!("reader task failed: {e}")))?
     }
+
+    /// Runs a *point* read (a few small keys: an index entry, a record, an expectation) on the
+    /// calling task. These take microseconds from sled's cache, far less than a hop to the
+    /// blocking pool and back, which dominated a `GET`; scans and bodies, which may be large
+    /// or cold, still go through [`read`](Self::read).
+    fn read_now<T>(
+        &self,
+        f: impl FnOnce(&sled::Db, u64) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let db = self.db()?;
+        f(&db, self.watermark())
+    }
 }
 
 #[async_trait]
@@ -466,17 +478,14 @@ impl Store for SledStore {
     }
 
     async fn latest(&self, controlid: &str, scope: &Scope) -> Result<Option<Latest>, StoreError> {
-        let controlid = controlid.to_owned();
-        let scope = scope.clone();
-        self.read(move |db, watermark| read_latest(db, watermark, &controlid, &scope))
-            .await
+        self.read_now(|db, watermark| read_latest(db, watermark, controlid, scope))
     }
 
     async fn record(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
         if id.0 > self.watermark() {
             return Ok(None);
         }
-        self.read(move |db, _| read_record(db, id.0)).await
+        self.read_now(|db, _| read_record(db, id.0))
     }
 
     async fn body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError> {
@@ -542,11 +551,7 @@ impl Store for SledStore {
         controlid: &str,
         poller: &str,
     ) -> Result<Option<Expectation>, StoreError> {
-        let controlid = controlid.to_owned();
-        let poller = poller.to_owned();
-        let shared = Arc::clone(&self.shared);
-        self.read(move |db, _| read_expectation(db, &shared, &controlid, &poller))
-            .await
+        self.read_now(|db, _| read_expectation(db, &self.shared, controlid, poller))
     }
 
     async fn expectations(&self, poller: &str) -> Result<Vec<Expectation>, StoreError> {
@@ -640,8 +645,11 @@ struct Writer {
     /// Set when a group failed with an i/o error: the database must be reopened (sled 0.34
     /// refuses every later write after one) no earlier than this instant.
     broken: Option<Instant>,
-    /// Whether the last group found the disk below its reserve (logged once per episode).
-    short_of_space: bool,
+    /// Set while writes are refused for want of space: the bytes of the largest group refused
+    /// in this episode. Until that much (plus the reserve) is free again every write, the
+    /// readiness and watchdog probes included, is refused too, so that `/readyz` and the
+    /// callbacks agree and the log does not flap between "full" and "back" with each request.
+    short_of_space: Option<u64>,
     /// Where requests arrive.
     rx: mpsc::Receiver<Request>,
     /// The most requests per group.
@@ -788,8 +796,9 @@ impl Writer {
             // Unknown: let sled try (and the i/o error path handle a failure).
             Err(_) => return group,
         };
-        if available >= adding.saturating_add(self.options.reserve_bytes) {
-            if std::mem::take(&mut self.short_of_space) {
+        let needed = adding.max(self.short_of_space.unwrap_or(0));
+        if available >= needed.saturating_add(self.options.reserve_bytes) {
+            if self.short_of_space.take().is_some() {
                 tracing::warn!(
                     available_bytes = available,
                     "free space is back; accepting writes"
@@ -800,11 +809,12 @@ impl Writer {
         let (refused, kept): (Vec<Request>, Vec<Request>) =
             group.into_iter().partition(|r| added_bytes(r).is_some());
         self.shared.failures.fetch_add(1, Ordering::Relaxed);
-        if !std::mem::replace(&mut self.short_of_space, true) {
+        if self.short_of_space.replace(needed).is_none() {
             tracing::error!(
                 available_bytes = available,
+                needed_bytes = needed,
                 reserve_bytes = self.options.reserve_bytes,
-                "data directory below its free-space reserve (min_free_disk_bytes); writes get 503 until space is freed"
+                "not enough free space in the data directory for this write plus its reserve (min_free_disk_bytes); writes get 503 until space is freed"
             );
         }
         refuse_group(refused, NO_SPACE_MESSAGE);
@@ -867,7 +877,7 @@ impl Writer {
         for request in group {
             let answer = match request {
                 Request::Put(delivery, reply) => {
-                    let result = self.apply(|w| w.put(&delivery), &mut group_error);
+                    let result = self.apply(move |w| w.put(*delivery), &mut group_error);
                     answer(reply, result)
                 }
                 Request::Quarantine(item, reply) => {
@@ -975,7 +985,11 @@ impl Writer {
     ///
     /// A matched delivery also removes every expectation of its controlid, in the same batch (a
     /// duplicate in a batch of its own): the two become durable together.
-    fn put(&mut self, delivery: &NewDelivery) -> Result<PutOutcome, StoreError> {
+    ///
+    /// The delivery is taken by value so that its body can be let go as soon as the batch holds
+    /// its copy: for a large callback that keeps one copy fewer in memory while sled writes it.
+    fn put(&mut self, mut delivery: NewDelivery) -> Result<PutOutcome, StoreError> {
+        let delivery = &mut delivery;
         let mut batch = sled::Batch::default();
         let resolved = match &delivery.extracted.controlid {
             Some(controlid) => {
@@ -1003,6 +1017,8 @@ impl Writer {
             record,
             &delivery.body,
         );
+        // The batch has its own copy now; the request's may be the last reference to the body.
+        drop(std::mem::take(&mut delivery.body));
         batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
         batch.insert(DELIVERIES_KEY, &(self.deliveries + 1).to_be_bytes()[..]);
         self.apply_resolving(batch, resolved)?;
@@ -1453,9 +1469,6 @@ fn reopening() -> StoreError {
 /// Answers every request of a group with an i/o error, without touching the database.
 /// Why a group is refused while the database is being reopened.
 const BROKEN_MESSAGE: &str = "storage unavailable after an i/o error (disk full?); retry later";
-
-/// Why a write is refused when the disk is nearly full.
-const NO_SPACE_MESSAGE: &str = "storage full: the data directory is below its free-space reserve";
 
 /// The bytes a request adds to the disk (an estimate: its body plus its records), or `None`
 /// for a request that adds (almost) nothing and must go through even on a full disk.

@@ -84,3 +84,42 @@ async fn logs_never_contain_passwords_tokens_or_authorization_values() {
         "the logs contain an Authorization header"
     );
 }
+
+#[tokio::test]
+async fn text_logs_cannot_be_forged_through_the_url_or_the_body() {
+    let app = spawn_app().await;
+    let forged = "FORGED-LINE-3e8a INFO callback stored";
+    // An unknown policy id carrying a newline, percent-encoded in the URL.
+    let path = format!("/callback/x%0a{}", forged.replace(' ', "%20"));
+    let answer = app
+        .request(
+            Method::POST,
+            &path,
+            HeaderMap::new(),
+            Bytes::from_static(b"<response/>"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    // A refused body whose reason quotes a line break and the same text.
+    let body = format!("not xml\n{forged}");
+    let answer = app
+        .post_callback(
+            POLICY,
+            Some((USER, PASSWORD)),
+            Bytes::from(body),
+            HeaderMap::new(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text());
+    let logs = logs();
+    assert!(
+        logs.contains("FORGED-LINE-3e8a"),
+        "the attempt was not logged"
+    );
+    for line in logs.lines() {
+        assert!(
+            !line.starts_with("FORGED-LINE-3e8a"),
+            "a log line was forged: {line:?}"
+        );
+    }
+}

@@ -1022,13 +1022,23 @@ fn busy_table() -> Vec<Scenario> {
     ]
 }
 
-/// Run against a service that allows one failed authentication per minute: the first scenario
-/// fails to authenticate, and from then on the address is refused, right credentials or not.
+/// Run against a service that allows one failed authentication per minute and target: the
+/// first two scenarios fail to authenticate on the API and on the policy, and from then on the
+/// address is refused on both, right credentials or not.
 fn blocked_table() -> Vec<Scenario> {
     use Method as M;
     let cb = format!("/callback/{POLICY}");
     vec![
-        scenario("the one failure allowed", M::GET, "/v1/responses/oa-x", 401).bearer(WRONG_TOKEN),
+        scenario(
+            "the one failure allowed on the API",
+            M::GET,
+            "/v1/responses/oa-x",
+            401,
+        )
+        .bearer(WRONG_TOKEN),
+        scenario("the one failure allowed on the policy", M::POST, &cb, 401)
+            .header("authorization", basic(USER, "not-the-password"))
+            .body(response_doc("oa-blocked", "1")),
         scenario("callback, address blocked", M::POST, &cb, 429)
             .basic()
             .xml()

@@ -377,9 +377,14 @@ fn sync_tree(dir: &Path, depth: u32) -> Result<(), StoreError> {
         let path = entry.path();
         match entry.file_type() {
             Ok(t) if t.is_dir() && depth > 0 => sync_tree(&path, depth - 1)?,
-            Ok(t) if t.is_file() => std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| StoreError::Io(format!("syncing {}: {e}", path.display())))?,
+            Ok(t) if t.is_file() => match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // sled removes blob files it no longer needs, possibly right now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StoreError::Io(format!("syncing {}: {e}", path.display())));
+                }
+            },
             _ => {}
         }
     }
