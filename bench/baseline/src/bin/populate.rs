@@ -8,7 +8,7 @@
 //! It resumes: on a directory that already holds `n` deliveries it starts at `n - 2 * concurrency`
 //! (puts that were stored already come back `Duplicate`). A watchdog exits with status 3 when no
 //! put has completed for `--stall-seconds` (default 60): sled 0.34.7 can deadlock under sustained
-//! writes (see BENCHMARKS.md), and bench/run then runs `populate` again.
+//! writes (see bench/BENCHMARKS.md), and bench/run then runs `populate` again.
 //!
 //! `populate --dir DIR --count 1000000 [--size 2048] [--prefix pop-] [--policy bench] [--concurrency 512]`
 
