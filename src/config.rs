@@ -531,6 +531,23 @@ pub(crate) fn one_line(message: &str) -> String {
         .join("; ")
 }
 
+/// What is wrong with a plain bearer token, if anything: it must be a token68 (RFC 6750) whose
+/// part before any trailing `=` padding has at least [`MIN_TOKEN_CHARS`] characters, so that the
+/// `Authorization: Bearer` parser can accept it and it is not guessable.
+fn token_problem(token: &str) -> Option<&'static str> {
+    let body = token.trim_end_matches('=');
+    if body.chars().count() < MIN_TOKEN_CHARS {
+        Some("shorter than 16 characters (not counting trailing =)")
+    } else if !body
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+    {
+        Some("may hold only A-Z a-z 0-9 - . _ ~ + / and trailing = (a bearer token68)")
+    } else {
+        None
+    }
+}
+
 /// The `metrics_token` or `metrics_token_hash`: the rules of a poller's token.
 fn metrics_credential(
     ctx: &Ctx<'_>,
@@ -543,24 +560,12 @@ fn metrics_credential(
             "metrics_token",
             "give metrics_token or metrics_token_hash, not both",
         )),
-        (Some(t), None) => {
-            let tok = t.get_ref();
-            let body = tok.trim_end_matches('=');
-            if tok.chars().count() < MIN_TOKEN_CHARS {
-                Err(ctx.at(t, "metrics_token", "shorter than 16 characters"))
-            } else if !body
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
-            {
-                Err(ctx.at(
-                    t,
-                    "metrics_token",
-                    "may hold only A-Z a-z 0-9 - . _ ~ + / and trailing = (a bearer token68)",
-                ))
-            } else {
-                Ok(Some(Credential::Plain(SecretString::from(tok.clone()))))
-            }
-        }
+        (Some(t), None) => match token_problem(t.get_ref()) {
+            Some(problem) => Err(ctx.at(t, "metrics_token", problem)),
+            None => Ok(Some(Credential::Plain(SecretString::from(
+                t.get_ref().clone(),
+            )))),
+        },
         (None, Some(h)) => PasswordHash::parse(h.get_ref())
             .map(|hash| Some(Credential::Hash(hash)))
             .map_err(|e| ctx.at(h, "metrics_token_hash", &e.to_string())),
@@ -665,7 +670,7 @@ fn validate_access(
         let outer = p.span();
         let p = p.get_ref();
         let name = p.name.get_ref();
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
             return Err(ctx.at(
                 &p.name,
                 &key("name"),
@@ -684,22 +689,10 @@ fn validate_access(
                 return Err(ctx.at(t, &key("token"), "give token or token_hash, not both"))
             }
             (Some(t), None) => {
-                let tok = t.get_ref();
-                if tok.chars().count() < MIN_TOKEN_CHARS {
-                    return Err(ctx.at(t, &key("token"), "shorter than 16 characters"));
+                if let Some(problem) = token_problem(t.get_ref()) {
+                    return Err(ctx.at(t, &key("token"), problem));
                 }
-                let body = tok.trim_end_matches('=');
-                if !body
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
-                {
-                    return Err(ctx.at(
-                        t,
-                        &key("token"),
-                        "may hold only A-Z a-z 0-9 - . _ ~ + / and trailing = (a bearer token68)",
-                    ));
-                }
-                Credential::Plain(SecretString::from(tok.clone()))
+                Credential::Plain(SecretString::from(t.get_ref().clone()))
             }
             (None, Some(h)) => Credential::Hash(
                 PasswordHash::parse(h.get_ref())
@@ -920,6 +913,7 @@ key = "key.pem"
         for (bad, key) in [
             ("[[poller]]\nname = \"erp\"\n", "poller[0].token"),
             ("[[poller]]\nname = \"erp\"\ntoken = \"short\"\n", "poller[0].token"),
+            ("[[poller]]\nname = \"erp\"\ntoken = \"abc=================\"\n", "poller[0].token"),
             ("[[poller]]\nname = \"erp\"\ntoken = \"0123456789abcdef0123\"\npolicies = [\"nope\"]\n", "poller[0].policies"),
         ] {
             let err = parse(bad).expect_err(bad).to_string();

@@ -545,7 +545,11 @@ async fn read_body(
     declared: Option<u64>,
     stall: std::time::Duration,
 ) -> Result<Bytes, ApiError> {
-    let capacity = declared.unwrap_or(0).min(limit).min(64 * 1024 * 1024) as usize;
+    // A declared length is a promise, not bytes: allocate a little up front and grow with what
+    // arrives (at most doubling), so that a client cannot make the service reserve
+    // `max_body_bytes` per request or stream by sending headers alone.
+    const FIRST_ALLOCATION: u64 = 256 * 1024;
+    let capacity = declared.unwrap_or(0).min(limit).min(FIRST_ALLOCATION) as usize;
     let mut buf = BytesMut::with_capacity(capacity);
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
