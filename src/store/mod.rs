@@ -255,6 +255,12 @@ pub trait Store: Send + Sync + 'static {
     /// One committed delivery's raw body.
     async fn body(&self, id: DeliveryId) -> Result<Option<Bytes>, StoreError>;
 
+    /// The body of a delivery whose record the caller already holds: a backend may read a small
+    /// body more cheaply when it knows its size. The default is [`body`](Self::body).
+    async fn body_of(&self, record: &DeliveryRecord) -> Result<Option<Bytes>, StoreError> {
+        self.body(record.id).await
+    }
+
     /// Up to `limit` committed deliveries with ids above `after`, in arrival order, within `scope`.
     async fn feed(
         &self,

@@ -496,6 +496,19 @@ impl Store for SledStore {
             .await
     }
 
+    /// A body of at most [`INLINE_BODY_BYTES`] is read on the calling task, like the point
+    /// reads: a `GET` of a typical response then never waits for the blocking pool. Larger ones
+    /// may be sled blob files read from disk, and go through [`body`](Store::body).
+    async fn body_of(&self, record: &DeliveryRecord) -> Result<Option<Bytes>, StoreError> {
+        if record.id.0 > self.watermark() {
+            return Ok(None);
+        }
+        if record.size > INLINE_BODY_BYTES {
+            return self.body(record.id).await;
+        }
+        self.read_now(|db, _| read_bytes(db, &id_key(BODY, record.id.0)))
+    }
+
     async fn feed(
         &self,
         after: Option<DeliveryId>,
@@ -1793,6 +1806,9 @@ fn count_prefix(db: &sled::Db, prefix: u8) -> Result<u64, StoreError> {
     Ok(count)
 }
 
+/// The largest body [`SledStore::body_of`] reads on the calling task.
+const INLINE_BODY_BYTES: u64 = 64 * 1024;
+
 /// Maps a sled error.
 fn sled_error(e: sled::Error) -> StoreError {
     StoreError::Io(format!("sled: {e}"))
@@ -2438,6 +2454,25 @@ mod tests {
         let stored = store.body(id).await.expect("body").expect("some");
         assert_eq!(stored.len(), body.len());
         assert!(stored[..] == body[..]);
+        // `body_of` gives the same bytes, for a blob (through the blocking pool) and for a
+        // small body (read inline).
+        let record = store.record(id).await.expect("record").expect("some");
+        let of = store
+            .body_of(&record)
+            .await
+            .expect("body_of")
+            .expect("some");
+        assert!(of[..] == body[..]);
+        let small_id = store
+            .put(delivery("pol", Some("small"), b"<response>s</response>", 2))
+            .await
+            .expect("put")
+            .id();
+        let small = store.record(small_id).await.expect("record").expect("some");
+        assert_eq!(
+            store.body_of(&small).await.expect("body_of").as_deref(),
+            Some(&b"<response>s</response>"[..])
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
