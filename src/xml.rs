@@ -902,9 +902,17 @@ fn is_xml_name(name: &str) -> bool {
 /// Whether the declared encoding is one this module reads (UTF-8 and its subset US-ASCII, by
 /// its IANA name and the usual aliases).
 fn is_supported_encoding(encoding: &str) -> bool {
-    ["utf-8", "utf8", "us-ascii", "ascii", "us", "iso646-us", "ansi_x3.4-1968"]
-        .iter()
-        .any(|name| encoding.eq_ignore_ascii_case(name))
+    [
+        "utf-8",
+        "utf8",
+        "us-ascii",
+        "ascii",
+        "us",
+        "iso646-us",
+        "ansi_x3.4-1968",
+    ]
+    .iter()
+    .any(|name| encoding.eq_ignore_ascii_case(name))
 }
 
 /// Whether the declared encoding names ISO-8859-1 (its IANA name and aliases).
@@ -1440,7 +1448,9 @@ mod tests {
 
     #[test]
     fn utf8_and_ascii_declarations_are_accepted() {
-        for encoding in ["UTF-8", "utf-8", "Utf8", "UTF8", "US-ASCII", "us-ascii", "ASCII"] {
+        for encoding in [
+            "UTF-8", "utf-8", "Utf8", "UTF8", "US-ASCII", "us-ascii", "ASCII",
+        ] {
             let body = format!(
                 "<?xml version=\"1.0\" encoding=\"{encoding}\"?><response><control>\
                  <controlid>1</controlid></control></response>"
