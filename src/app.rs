@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -35,7 +36,23 @@ pub enum AppError {
         /// Why.
         reason: String,
     },
+    /// The store's writer has hung inside the database for longer than [`STORE_STALL_LIMIT`].
+    #[error(
+        "the store has not finished a write for {seconds} s (a hang inside sled, see sled#1412); \
+         stopping so that the service can be restarted: nothing unacknowledged was answered 200"
+    )]
+    StoreStalled {
+        /// How long the current group had been running.
+        seconds: u64,
+    },
 }
+
+/// How long one group of writes may take before the service gives up on the store and stops
+/// with an error (exit 1), so that systemd (`Restart=on-failure`) or another supervisor starts
+/// it again. sled 0.34.7 can deadlock under sustained writes (sled#1412): its threads then wait
+/// for each other forever, and only a new process gets the database back. A healthy group takes
+/// milliseconds; even a 64 MiB callback on a slow disk takes seconds.
+pub const STORE_STALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// A built service, bound and ready to run.
 pub struct Application {
@@ -143,7 +160,15 @@ impl Application {
             self.retention_days,
             self.purge_interval,
         ));
-        server::run(self.listener, self.acceptor, self.state.clone(), shutdown).await;
+        let served = server::run(self.listener, self.acceptor, self.state.clone(), shutdown);
+        tokio::select! {
+            () = served => {}
+            seconds = stalled(self.store.clone() as Arc<dyn Store>, STORE_STALL_LIMIT) => {
+                retention.abort();
+                tracing::error!(seconds, "the store hangs; stopping without the graceful drain (acknowledged data is on disk)");
+                return Err(AppError::StoreStalled { seconds });
+            }
+        }
         retention.abort();
         self.store.close().await.map_err(|error| AppError::Store {
             path: "store".into(),
@@ -151,5 +176,17 @@ impl Application {
         })?;
         tracing::info!("store flushed and closed");
         Ok(())
+    }
+}
+
+/// Completes, with the seconds it has been busy, once the store's writer has worked on one group
+/// for longer than `limit`.
+pub(crate) async fn stalled(store: Arc<dyn Store>, limit: Duration) -> u64 {
+    let mut ticks = tokio::time::interval(Duration::from_secs(5).min(limit));
+    loop {
+        ticks.tick().await;
+        if let Some(busy) = store.busy_for().filter(|busy| *busy > limit) {
+            return busy.as_secs();
+        }
     }
 }

@@ -272,7 +272,10 @@ fn serve(config_path: Option<&Path>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("starting the runtime: {e}")),
     };
-    match runtime.block_on(run(config, dev, config_path.map(Path::to_path_buf))) {
+    let outcome = runtime.block_on(run(config, dev, config_path.map(Path::to_path_buf)));
+    // A reader stuck in a hung store must not keep the process from exiting.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, format!("{e:#}")),
     }

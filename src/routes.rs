@@ -820,7 +820,7 @@ async fn delivery_response(
     } else {
         let body = state
             .store
-            .body_of(&record)
+            .body_of(record)
             .await?
             .ok_or(ApiError::NotFound)?;
         let mut r = Response::new(Full::new(body));

@@ -313,6 +313,12 @@ pub trait Store: Send + Sync + 'static {
     /// Whether a write can currently be made durable (used by `/readyz`).
     async fn check_writable(&self) -> Result<(), StoreError>;
 
+    /// How long the writer has been working on its current group of writes, `None` when it is
+    /// idle. A figure that keeps growing means the backend hangs (see `app::STORE_STALL_LIMIT`).
+    fn busy_for(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Counters and sizes for `/metrics`; a backend without them reports zeros.
     async fn stats(&self) -> StoreStats {
         StoreStats::default()

@@ -190,12 +190,22 @@ struct Shared {
     /// Expectations removed by a `put` whose delivery is not committed yet, by controlid; still
     /// shown as pending by readers (see the module documentation).
     resolving: Mutex<HashMap<String, Vec<Expectation>>>,
+    /// When the writer began the group it is working on, `None` between groups.
+    group_started: Mutex<Option<Instant>>,
 }
 
 impl Shared {
     /// Locks the overlay of resolved expectations, ignoring poisoning (it holds plain data).
     fn resolving(&self) -> MutexGuard<'_, HashMap<String, Vec<Expectation>>> {
         self.resolving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the start (`Some(now)`) or the end (`None`) of a group.
+    fn set_group_started(&self, at: Option<Instant>) {
+        *self
+            .group_started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = at;
     }
 }
 
@@ -614,6 +624,15 @@ impl Store for SledStore {
         self.submit(Request::Probe).await
     }
 
+    fn busy_for(&self) -> Option<Duration> {
+        let started = *self
+            .shared
+            .group_started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        started.map(|at| at.elapsed())
+    }
+
     async fn stats(&self) -> StoreStats {
         let dir = self.dir.clone();
         // Walking the directory reads file metadata: keep it off the async workers.
@@ -884,6 +903,12 @@ impl Writer {
     /// Applies a group of requests, makes it durable with one flush, publishes the watermark,
     /// then answers every request.
     fn commit_group(&mut self, group: Vec<Request>) {
+        self.shared.set_group_started(Some(Instant::now()));
+        self.commit_group_inner(group);
+        self.shared.set_group_started(None);
+    }
+
+    fn commit_group_inner(&mut self, group: Vec<Request>) {
         let count = group.len() as u64;
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         let mut group_error: Option<String> = None;
@@ -2908,6 +2933,33 @@ mod tests {
         assert_eq!(stats.requests, 200);
         assert_eq!(stats.failures, 0);
         assert!(stats.buckets.last().map_or(0, |b| b.1) <= stats.flushes);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_writer_held_inside_a_group_is_reported_busy_and_stalled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        assert!(store.busy_for().is_none(), "idle at start");
+        store.hooks.set(|s| s.hold_flush = true);
+        let task = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.put(delivery("p", Some("hang"), b"h", 1)).await }
+        });
+        wait_until(|| store.hooks.at_flush()).await;
+        // The writer sits inside its group, as it would inside a hung sled.
+        let detected = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::app::stalled(store.clone() as Arc<dyn Store>, Duration::from_millis(300)),
+        )
+        .await
+        .expect("the stall was not reported");
+        assert!(detected < 10, "{detected} s");
+        assert!(store
+            .busy_for()
+            .is_some_and(|d| d >= Duration::from_millis(300)));
+        store.hooks.set(|s| s.hold_flush = false);
+        task.await.expect("join").expect("put");
+        assert!(store.busy_for().is_none(), "idle again after the group");
     }
 
     #[tokio::test(flavor = "multi_thread")]
