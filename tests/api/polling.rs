@@ -150,52 +150,32 @@ async fn accept_json_gives_the_summary_and_otherwise_the_raw_bytes() {
     assert_eq!(v["sha256"], json!(sha256_hex(&body)), "{v}");
     assert_eq!(v["size"], json!(body.len()), "{v}");
 
-    // An Accept list naming JSON among others, and one naming XML only.
-    let answer = app
-        .request(
-            Method::GET,
-            "/v1/responses/accept",
-            headers(&[
-                ("authorization", &format!("Bearer {TOKEN_ALL}")),
-                ("accept", "text/html, application/json;q=0.9"),
-            ]),
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.json()["controlid"], json!("accept"));
-    let answer = app
-        .request(
-            Method::GET,
-            "/v1/responses/accept",
-            headers(&[
-                ("authorization", &format!("Bearer {TOKEN_ALL}")),
-                ("accept", "application/xml"),
-            ]),
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.body, body);
-    // Qualities count: XML preferred over JSON, JSON refused, or only wildcards give the raw
-    // bytes; JSON preferred over XML gives the summary.
+    // Accept lists: JSON among others, XML only, XML preferred, JSON refused, only wildcards,
+    // JSON preferred. Qualities count.
+    let get = |name: &'static str, value: String| {
+        let app = &app;
+        async move {
+            app.request(
+                Method::GET,
+                "/v1/responses/accept",
+                headers(&[
+                    ("authorization", &format!("Bearer {TOKEN_ALL}")),
+                    (name, &value),
+                ]),
+                Bytes::new(),
+            )
+            .await
+        }
+    };
     for (accept, wants_json) in [
+        ("text/html, application/json;q=0.9", true),
+        ("application/xml", false),
         ("application/json;q=0.9, application/xml", false),
         ("application/json; q=0", false),
         ("*/*", false),
         ("text/xml;q=0.5, application/json", true),
     ] {
-        let answer = app
-            .request(
-                Method::GET,
-                "/v1/responses/accept",
-                headers(&[
-                    ("authorization", &format!("Bearer {TOKEN_ALL}")),
-                    ("accept", accept),
-                ]),
-                Bytes::new(),
-            )
-            .await;
+        let answer = get("accept", accept.to_owned()).await;
         assert_eq!(answer.status, StatusCode::OK, "{accept}");
         if wants_json {
             assert_eq!(answer.json()["controlid"], json!("accept"), "{accept}");
@@ -209,17 +189,7 @@ async fn accept_json_gives_the_summary_and_otherwise_the_raw_bytes() {
         format!("W/{etag}"),
         format!("\"other\", {etag}"),
     ] {
-        let answer = app
-            .request(
-                Method::GET,
-                "/v1/responses/accept",
-                headers(&[
-                    ("authorization", &format!("Bearer {TOKEN_ALL}")),
-                    ("if-none-match", &tag),
-                ]),
-                Bytes::new(),
-            )
-            .await;
+        let answer = get("if-none-match", tag.clone()).await;
         assert_eq!(answer.status, StatusCode::NOT_MODIFIED, "{tag}");
     }
 }
