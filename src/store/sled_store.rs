@@ -78,9 +78,11 @@ use super::{
     PutOutcome, QuarantineRecord, Scope, Store, StoreError, StoreStats, NO_SPACE_MESSAGE,
 };
 use crate::xml::Extracted;
+use segments::{Position, SegmentLog, SegmentReader, BODIES_DIR};
 
 mod backup;
 mod recovery;
+mod segments;
 
 pub use backup::{is_locked_error, restore_into, BackupCounts, BackupItem, RestoreError};
 pub use recovery::{recover, RecoverError, RecoverReport, RECOVER_HINT};
@@ -114,6 +116,8 @@ const DELIVERIES_KEY: &[u8] = b"s/deliveries";
 const QUARANTINED_KEY: &[u8] = b"s/quarantined";
 /// Written by `check_writable`.
 const PROBE_KEY: &[u8] = b"s/probe";
+/// Where the body log ends after the last group sled has: replay starts at its segment.
+const LOG_END_KEY: &[u8] = b"s/log_end";
 
 /// Value of a `t` entry that points at a delivery.
 const KIND_DELIVERY: u8 = b'd';
@@ -122,6 +126,10 @@ const KIND_QUARANTINE: u8 = b'q';
 
 /// Leading byte of an encoded record: the encoding version.
 const RECORD_VERSION: u8 = 1;
+/// Leading byte of a delivery record whose body is in the body log: followed by the record's
+/// [`Position`] (16 bytes), then the same JSON as [`RECORD_VERSION`]. A record of version 1
+/// has its body under the `b` key (stores written before the body log, and nothing since).
+const LOCATED_VERSION: u8 = 2;
 
 /// Upper bounds (seconds) of the flush latency histogram buckets.
 pub const FLUSH_BUCKETS: [f64; 12] = [
@@ -286,6 +294,8 @@ pub struct SledStore {
     writer: WriterHandle,
     /// The database, for readers; empty only while the writer reopens it (see [`Writer::recover`]).
     db: Arc<DbSlot>,
+    /// The readers of the body log.
+    segments: Arc<SegmentReader>,
     /// Its directory.
     dir: PathBuf,
     /// The committed watermark.
@@ -334,8 +344,10 @@ impl SledStore {
             deliveries,
             quarantined,
             synced_blobs,
+            log,
         } = open_db(dir, &options)?;
         let blobs_dir = dir.join("blobs");
+        let segments = Arc::new(SegmentReader::new(&dir.join(BODIES_DIR)));
 
         let shared = Arc::new(Shared::default());
         shared.deliveries.store(deliveries, Ordering::Relaxed);
@@ -361,6 +373,11 @@ impl SledStore {
             quarantined,
             committed: Arc::clone(&committed),
             shared: Arc::clone(&shared),
+            log,
+            segments: Arc::clone(&segments),
+            sled_dirty: false,
+            purged: false,
+            log_rolled_back: false,
             db_file,
             blobs_dir,
             synced_blobs,
@@ -378,6 +395,7 @@ impl SledStore {
                 thread: Some(thread),
             },
             db: slot,
+            segments,
             dir: dir.to_path_buf(),
             committed,
             shared,
@@ -502,8 +520,8 @@ impl Store for SledStore {
         if id.0 > self.watermark() {
             return Ok(None);
         }
-        self.read(move |db, _| read_bytes(db, &id_key(BODY, id.0)))
-            .await
+        let segments = Arc::clone(&self.segments);
+        self.read(move |db, _| read_body(db, &segments, id.0)).await
     }
 
     /// A body of at most [`INLINE_BODY_BYTES`] is read on the calling task, like the point
@@ -516,7 +534,7 @@ impl Store for SledStore {
         if record.size > INLINE_BODY_BYTES {
             return self.body(record.id).await;
         }
-        self.read_now(|db, _| read_bytes(db, &id_key(BODY, record.id.0)))
+        self.read_now(|db, _| read_body(db, &self.segments, record.id.0))
     }
 
     async fn feed(
@@ -696,6 +714,17 @@ struct Writer {
     committed: Arc<watch::Sender<DeliveryId>>,
     /// Counters shared with the store handle.
     shared: Arc<Shared>,
+    /// The body log.
+    log: SegmentLog,
+    /// The readers of the body log (the writer closes a segment there before removing it).
+    segments: Arc<SegmentReader>,
+    /// Whether the group changed sled beyond what the body log holds, so that its flush must
+    /// flush sled too (deliveries alone only need the log synced: see [`replay`]).
+    sled_dirty: bool,
+    /// Whether a purge ran since the last commit: emptied segments may go.
+    purged: bool,
+    /// Whether the failure of the current group was a body log write that was cut back.
+    log_rolled_back: bool,
     /// sled's log file, for an extra `fdatasync` after each flush.
     db_file: File,
     /// sled's blob directory (values too large for the log live there, one file each).
@@ -776,9 +805,12 @@ impl Writer {
             deliveries,
             quarantined,
             synced_blobs: _,
+            log,
         } = opened;
         self.db = Some(db.clone());
         self.db_file = db_file;
+        self.log = log;
+        self.sled_dirty = true;
         // Blobs written by the failed groups may not be synced: sync every one once.
         self.synced_blobs = HashSet::new();
         // Ids are never reused: keep the larger of what was handed out and what the log holds.
@@ -885,6 +917,8 @@ impl Writer {
                         "closing while the database is unwritable after an i/o error".to_owned(),
                     ))
                 } else {
+                    // Flush sled as well, so that the next open has nothing to replay.
+                    self.sled_dirty = true;
                     self.flush()
                 };
                 if let Err(e) = &result {
@@ -912,11 +946,20 @@ impl Writer {
         let count = group.len() as u64;
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         let mut group_error: Option<String> = None;
+        let mut run: Vec<(NewDelivery, Reply<PutOutcome>)> = Vec::new();
         for request in group {
+            // Consecutive puts go to the body log and into sled as one batch.
+            if !matches!(request, Request::Put(..)) {
+                if !run.is_empty() {
+                    self.put_run(std::mem::take(&mut run), &mut answers, &mut group_error);
+                }
+                // Anything but a delivery lives in sled alone: the group must flush sled.
+                self.sled_dirty = true;
+            }
             let answer = match request {
                 Request::Put(delivery, reply) => {
-                    let result = self.apply(move |w| w.put(*delivery), &mut group_error);
-                    answer(reply, result)
+                    run.push((*delivery, reply));
+                    continue;
                 }
                 Request::Quarantine(item, reply) => {
                     let result = self.apply(|w| w.quarantine(&item), &mut group_error);
@@ -947,6 +990,7 @@ impl Writer {
                     batch,
                     reply,
                 } => {
+                    self.purged = true;
                     let result = self.apply(|w| w.purge(cutoff_ms, batch), &mut group_error);
                     answer(reply, result)
                 }
@@ -958,6 +1002,9 @@ impl Writer {
                 Request::Close(reply) => answer(reply, Ok(())),
             };
             answers.push(answer);
+        }
+        if !run.is_empty() {
+            self.put_run(run, &mut answers, &mut group_error);
         }
 
         #[cfg(test)]
@@ -983,12 +1030,19 @@ impl Writer {
                 }
                 drop(resolving);
                 self.shared.requests.fetch_add(count, Ordering::Relaxed);
+                if std::mem::take(&mut self.purged) {
+                    self.remove_dead_segments();
+                }
             }
             Some(message) => {
                 self.shared.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %message, requests = count, "store commit failed");
-                // Reopen before the next write (at once: the next request may find space).
-                self.broken = Some(Instant::now());
+                // A body log write that was cut back left sled untouched; anything else may
+                // have broken sled's handle: reopen before the next write (at once: the next
+                // request may find space).
+                if !std::mem::take(&mut self.log_rolled_back) {
+                    self.broken = Some(Instant::now());
+                }
             }
         }
         for answer in answers {
@@ -1019,32 +1073,85 @@ impl Writer {
         id
     }
 
-    /// Stores a delivery unless the same bytes are already there.
+    /// Stores a run of deliveries: each is checked for a duplicate (in sled and earlier in the
+    /// run), appended to the body log, and the sled keys of the whole run (records, indexes,
+    /// resolved expectations, counters, the log's end) are applied as one batch once the log
+    /// holds every body. Answers are pushed to `answers`, to be sent after the group's flush.
     ///
-    /// A matched delivery also removes every expectation of its controlid, in the same batch (a
-    /// duplicate in a batch of its own): the two become durable together.
+    /// If a body cannot be written (a full disk), the log is cut back to where the run began
+    /// and sled is not touched: the group fails, but the store stays usable.
+    fn put_run(
+        &mut self,
+        run: Vec<(NewDelivery, Reply<PutOutcome>)>,
+        answers: &mut Vec<Answer>,
+        group_error: &mut Option<String>,
+    ) {
+        let failed_before = group_error.is_some();
+        let start = self.log.position();
+        let mut pending = RunBatch::default();
+        for (delivery, reply) in run {
+            let result = self.apply(|w| w.put_one(delivery, &mut pending), group_error);
+            answers.push(answer(reply, result));
+        }
+        if failed_before {
+            return;
+        }
+        if group_error.is_none() {
+            match self.log.write_pending() {
+                Ok(()) => {
+                    if let Err(e) = self.apply_run(pending) {
+                        // sled has failed; the log holds the run, and reopening replays it.
+                        *group_error = Some(e.to_string());
+                    }
+                    return;
+                }
+                Err(e) => *group_error = Some(format!("writing the body log: {e}")),
+            }
+        }
+        match self.log.rollback(start) {
+            Ok(()) => self.log_rolled_back = true,
+            Err(e) => tracing::error!(error = %e, "cutting back the body log failed"),
+        }
+    }
+
+    /// One delivery of [`put_run`](Self::put_run).
     ///
-    /// The delivery is taken by value so that its body can be let go as soon as the batch holds
-    /// its copy: for a large callback that keeps one copy fewer in memory while sled writes it.
-    fn put(&mut self, mut delivery: NewDelivery) -> Result<PutOutcome, StoreError> {
-        let delivery = &mut delivery;
-        let mut batch = sled::Batch::default();
-        let resolved = match &delivery.extracted.controlid {
+    /// A matched delivery also removes every expectation of its controlid, in the run's batch
+    /// (a duplicate too): the two become durable together. The body is let go as soon as the
+    /// log has it: for a large callback that keeps one copy fewer in memory.
+    fn put_one(
+        &mut self,
+        mut delivery: NewDelivery,
+        pending: &mut RunBatch,
+    ) -> Result<PutOutcome, StoreError> {
+        let mut resolved = match &delivery.extracted.controlid {
             Some(controlid) => {
-                self.resolve_expectations(controlid, &delivery.policy, &mut batch)?
+                resolve_expectations(self.db()?, controlid, &delivery.policy, &mut pending.batch)?
             }
             None => Vec::new(),
         };
-        if let Some(existing) = self.find_duplicate(delivery)? {
+        let key = duplicate_key(&delivery);
+        let existing = match pending.stored.get(&key) {
+            Some(id) => Some(*id),
+            None => self.find_duplicate(&delivery)?,
+        };
+        if let Some(existing) = existing {
             if !resolved.is_empty() {
-                self.apply_resolving(batch, resolved)?;
+                // Not in the body log: only sled's flush makes the removal durable.
+                self.sled_dirty = true;
             }
+            pending.resolved.append(&mut resolved);
             return Ok(PutOutcome::Duplicate(DeliveryId(existing)));
         }
-        let record = encode_delivery(delivery)?;
+        let record = encode_delivery(&delivery)?;
         let id = self.take_id();
+        let at = self
+            .log
+            .append(id, &record, &delivery.body)
+            .map_err(|e| StoreError::Io(format!("writing the body log: {e}")))?;
+        drop(std::mem::take(&mut delivery.body));
         insert_delivery(
-            &mut batch,
+            &mut pending.batch,
             DeliveryKeys {
                 id,
                 controlid: delivery.extracted.controlid.as_deref(),
@@ -1052,19 +1159,60 @@ impl Writer {
                 received_at_ms: delivery.received_at_ms,
                 policy: &delivery.policy,
             },
-            record,
-            &delivery.body,
+            located_meta(at, &record),
         );
-        // The batch has its own copy now; the request's may be the last reference to the body.
-        drop(std::mem::take(&mut delivery.body));
-        batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
-        batch.insert(DELIVERIES_KEY, &(self.deliveries + 1).to_be_bytes()[..]);
+        pending.stored.insert(key, id);
+        pending.resolved.append(&mut resolved);
+        Ok(PutOutcome::Stored(DeliveryId(id)))
+    }
+
+    /// Applies the sled batch of a run whose bodies are in the log.
+    fn apply_run(&mut self, pending: RunBatch) -> Result<(), StoreError> {
+        let RunBatch {
+            mut batch,
+            resolved,
+            stored,
+        } = pending;
+        let added = stored.len() as u64;
+        if added == 0 && resolved.is_empty() {
+            return Ok(());
+        }
+        if added > 0 {
+            batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
+            batch.insert(DELIVERIES_KEY, &(self.deliveries + added).to_be_bytes()[..]);
+            batch.insert(LOG_END_KEY, &self.log.position().to_bytes()[..]);
+        }
         self.apply_resolving(batch, resolved)?;
-        self.deliveries += 1;
+        self.deliveries += added;
         self.shared
             .deliveries
             .store(self.deliveries, Ordering::Relaxed);
-        Ok(PutOutcome::Stored(DeliveryId(id)))
+        Ok(())
+    }
+
+    /// After a purge is durable: removes the body log segments that no stored delivery points
+    /// into any more (everything before the segment of the oldest delivery).
+    fn remove_dead_segments(&mut self) {
+        let oldest = (|| -> Result<u64, StoreError> {
+            for entry in self.db()?.scan_prefix([META]) {
+                let (_, raw) = entry.map_err(sled_error)?;
+                if let Some(at) = location(&raw) {
+                    return Ok(at.segment);
+                }
+            }
+            Ok(self.log.current_segment())
+        })();
+        let result = oldest.and_then(|keep_from| {
+            self.log
+                .remove_below(keep_from, &self.segments)
+                .map_err(|e| StoreError::Io(format!("removing old body log segments: {e}")))
+        });
+        match result {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(segments = removed, "removed emptied body log segments"),
+            // Nothing is lost: they are tried again after the next purge.
+            Err(e) => tracing::warn!(error = %e, "could not remove old body log segments"),
+        }
     }
 
     /// The id of a stored delivery with the same bytes for the same controlid (or, unmatched,
@@ -1105,39 +1253,6 @@ impl Writer {
             }
             _ => Ok(None),
         }
-    }
-
-    /// Adds to `batch` the removal of every expectation of `controlid` whose scope allows `policy` and returns
-    /// the removed expectations that could be decoded.
-    fn resolve_expectations(
-        &self,
-        controlid: &str,
-        policy: &str,
-        batch: &mut sled::Batch,
-    ) -> Result<Vec<Expectation>, StoreError> {
-        let mut resolved = Vec::new();
-        for entry in self.db()?.scan_prefix(expect_prefix(controlid)) {
-            let (key, raw) = entry.map_err(sled_error)?;
-            match decode_expectation(&key, &raw) {
-                // A poller that may not read this policy still awaits its own answer.
-                Ok(expectation) if !expectation.scope.allows(policy) => {}
-                Ok(expectation) => {
-                    batch.remove(key.clone());
-                    batch.remove(expect_time_key(
-                        expectation.since_ms,
-                        &expectation.controlid,
-                        &expectation.poller,
-                    ));
-                    resolved.push(expectation);
-                }
-                // Its `E` entry (time unknown) is left to the purge, which checks before removing.
-                Err(e) => {
-                    batch.remove(key.clone());
-                    tracing::warn!(error = %e, "removing an undecodable expectation");
-                }
-            }
-        }
-        Ok(resolved)
     }
 
     /// Applies a batch that removes `resolved`, keeping them visible to readers until the next
@@ -1412,11 +1527,14 @@ impl Writer {
 
     /// Makes everything applied so far durable and records the flush in the counters.
     ///
-    /// Three steps: new blob files are fsynced (sled writes a value too large for its log to a
-    /// file of its own and never fsyncs it), then `Db::flush` writes and syncs the log, then an
-    /// `fdatasync` of the log file flushes what `sync_file_range` leaves out (the drive's write
-    /// cache and the file size). Blobs are synced once more afterwards, for any that sled wrote
-    /// in the background in between.
+    /// First the body log is synced (`fdatasync`): for a group of deliveries that is all, as
+    /// the log holds them whole and opening the store replays what sled lost. A group that
+    /// changed anything else (see `sled_dirty`) flushes sled too, in three steps: new blob
+    /// files are fsynced (sled writes a value too large for its log to a file of its own and
+    /// never fsyncs it), then `Db::flush` writes and syncs sled's log, then an `fdatasync` of
+    /// that file flushes what `sync_file_range` leaves out (the drive's write cache and the
+    /// file size). Blobs are synced once more afterwards, for any that sled wrote in the
+    /// background in between.
     fn flush(&mut self) -> Result<(), StoreError> {
         let started = Instant::now();
         let result = self.flush_steps();
@@ -1434,12 +1552,20 @@ impl Writer {
         if self.hooks.take_failure() {
             return Err(StoreError::Io("injected flush failure".to_owned()));
         }
+        self.log
+            .sync()
+            .map_err(|e| StoreError::Io(format!("syncing the body log: {e}")))?;
+        if !self.sled_dirty {
+            return Ok(());
+        }
         self.sync_blobs()?;
         self.db()?.flush().map_err(sled_error)?;
         self.db_file
             .sync_data()
             .map_err(|e| StoreError::Io(format!("syncing the log file: {e}")))?;
-        self.sync_blobs()
+        self.sync_blobs()?;
+        self.sled_dirty = false;
+        Ok(())
     }
 
     /// Fsyncs blob files not synced yet, then their directory.
@@ -1479,6 +1605,39 @@ impl Writer {
             self.shared.buckets[index].fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Adds to `batch` the removal of every expectation of `controlid` whose scope allows `policy` and returns
+/// the removed expectations that could be decoded.
+fn resolve_expectations(
+    db: &sled::Db,
+    controlid: &str,
+    policy: &str,
+    batch: &mut sled::Batch,
+) -> Result<Vec<Expectation>, StoreError> {
+    let mut resolved = Vec::new();
+    for entry in db.scan_prefix(expect_prefix(controlid)) {
+        let (key, raw) = entry.map_err(sled_error)?;
+        match decode_expectation(&key, &raw) {
+            // A poller that may not read this policy still awaits its own answer.
+            Ok(expectation) if !expectation.scope.allows(policy) => {}
+            Ok(expectation) => {
+                batch.remove(key.clone());
+                batch.remove(expect_time_key(
+                    expectation.since_ms,
+                    &expectation.controlid,
+                    &expectation.poller,
+                ));
+                resolved.push(expectation);
+            }
+            // Its `E` entry (time unknown) is left to the purge, which checks before removing.
+            Err(e) => {
+                batch.remove(key.clone());
+                tracing::warn!(error = %e, "removing an undecodable expectation");
+            }
+        }
+    }
+    Ok(resolved)
 }
 
 /// The database handle shared by readers and the writer; empty only while the writer reopens it.
@@ -1566,6 +1725,8 @@ struct Opened {
     quarantined: u64,
     /// Blob files present at open.
     synced_blobs: HashSet<OsString>,
+    /// The body log, open for appending after its last valid record.
+    log: SegmentLog,
 }
 
 /// Opens (or creates) the database in `dir` and reads its counters.
@@ -1602,6 +1763,7 @@ fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
         .open(dir.join("db"))
         .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.join("db").display())))?;
     let synced_blobs = list_dir(&dir.join("blobs")).unwrap_or_default();
+    let (next_id, deliveries, log) = open_log(dir, &db, next_id, deliveries)?;
     sync_dir(dir)?;
     Ok(Opened {
         db,
@@ -1610,7 +1772,93 @@ fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
         deliveries,
         quarantined,
         synced_blobs,
+        log,
     })
+}
+
+/// Opens the body log of `dir` after replaying into sled the deliveries it holds that sled
+/// does not (those with an id from `next_id` on: sled's background flush had not caught up
+/// when the process stopped). Returns the next id, the delivery count and the log.
+///
+/// The scan starts at the segment where the log ended after the last group sled has, and
+/// checks every record's CRC; a torn record at the end of the newest segment (a write that
+/// was never acknowledged) is cut off.
+fn open_log(
+    dir: &Path,
+    db: &sled::Db,
+    next_id: u64,
+    deliveries: u64,
+) -> Result<(u64, u64, SegmentLog), StoreError> {
+    let bodies = dir.join(BODIES_DIR);
+    let io = |e: std::io::Error| StoreError::Io(format!("reading {}: {e}", bodies.display()));
+    let from = match db.get(LOG_END_KEY).map_err(sled_error)? {
+        Some(raw) => Position::from_bytes(&raw).map_or(0, |at| at.segment),
+        None => 0,
+    };
+    let scan = segments::scan(&bodies, from, |id| id >= next_id).map_err(io)?;
+    if scan.skipped_bytes > 0 {
+        tracing::warn!(
+            bytes = scan.skipped_bytes,
+            "the body log ended in an incomplete record (a write cut short by a crash, never acknowledged); it is cut off"
+        );
+    }
+    let (next_id, deliveries) = replay(db, &scan.records, next_id, deliveries, scan.end)?;
+    let log = SegmentLog::open(&bodies, scan.end).map_err(io)?;
+    Ok((next_id, deliveries, log))
+}
+
+/// Writes into sled the deliveries of `records` (from the body log, ids ascending from
+/// `next_id`) as the writer would have: record, indexes, resolved expectations, counters;
+/// then flushes sled. Returns the new next id and delivery count.
+fn replay(
+    db: &sled::Db,
+    records: &[segments::Scanned],
+    mut next_id: u64,
+    mut deliveries: u64,
+    end: Position,
+) -> Result<(u64, u64), StoreError> {
+    if records.is_empty() {
+        return Ok((next_id, deliveries));
+    }
+    for chunk in records.chunks(1024) {
+        let mut batch = sled::Batch::default();
+        for scanned in chunk {
+            let record = match decode_delivery(scanned.id, &scanned.meta) {
+                Ok(record) => record,
+                // The CRC matched, so this is a record an older or newer version wrote.
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping an unreadable record of the body log");
+                    continue;
+                }
+            };
+            if let Some(controlid) = &record.extracted.controlid {
+                resolve_expectations(db, controlid, &record.policy, &mut batch)?;
+            }
+            insert_delivery(
+                &mut batch,
+                DeliveryKeys {
+                    id: scanned.id,
+                    controlid: record.extracted.controlid.as_deref(),
+                    sha256: &record.sha256,
+                    received_at_ms: record.received_at_ms,
+                    policy: &record.policy,
+                },
+                located_meta(scanned.at, &scanned.meta),
+            );
+            next_id = next_id.max(scanned.id.saturating_add(1));
+            deliveries += 1;
+        }
+        batch.insert(NEXT_ID_KEY, &next_id.to_be_bytes()[..]);
+        batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
+        batch.insert(LOG_END_KEY, &end.to_bytes()[..]);
+        db.apply_batch(batch).map_err(sled_error)?;
+    }
+    db.flush().map_err(sled_error)?;
+    tracing::info!(
+        deliveries = records.len(),
+        "replayed deliveries from the body log that sled had not stored before the last stop"
+    );
+    Ok((next_id, deliveries))
 }
 
 /// Reads the newest delivery of a controlid within scope, and how many there are.
@@ -1853,11 +2101,11 @@ struct DeliveryKeys<'a> {
     policy: &'a str,
 }
 
-/// Adds one delivery's records (`meta`, the encoded record, and `body`) and its index entries
-/// (by controlid or as unmatched, by policy, by time) to `batch`: the one place that knows
-/// which keys a delivery has, for the writer and for a restore alike. The counters are the
-/// caller's.
-fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8>, body: &[u8]) {
+/// Adds one delivery's record (`meta`, from [`located_meta`]) and its index entries (by
+/// controlid or as unmatched, by policy, by time) to `batch`: the one place that knows which
+/// keys a delivery has, for the writer, the replay and a restore alike. The body is in the
+/// body log; the counters are the caller's.
+fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8>) {
     let DeliveryKeys {
         id,
         controlid,
@@ -1866,7 +2114,6 @@ fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8
         policy,
     } = keys;
     batch.insert(&id_key(META, id)[..], meta);
-    batch.insert(&id_key(BODY, id)[..], body);
     match controlid {
         Some(controlid) => batch.insert(
             controlid_key(controlid, id),
@@ -1876,6 +2123,84 @@ fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8
     }
     batch.insert(policy_key(policy, id), &[][..]);
     batch.insert(&time_key(received_at_ms, id)[..], &[KIND_DELIVERY][..]);
+}
+
+/// The sled value of a delivery record whose body is in the log at `at`: `record` (from
+/// [`encode_delivery`]) with its version byte replaced by [`LOCATED_VERSION`] and the position.
+fn located_meta(at: Position, record: &[u8]) -> Vec<u8> {
+    let json = record.get(1..).unwrap_or_default();
+    let mut out = Vec::with_capacity(17 + json.len());
+    out.push(LOCATED_VERSION);
+    out.extend_from_slice(&at.to_bytes());
+    out.extend_from_slice(json);
+    out
+}
+
+/// Where the body of a delivery record is in the log; `None` for a record of version 1.
+fn location(raw: &[u8]) -> Option<Position> {
+    match raw.split_first() {
+        Some((&LOCATED_VERSION, rest)) => Position::from_bytes(rest),
+        _ => None,
+    }
+}
+
+/// What identifies a delivery for idempotency: its controlid (or none), policy and SHA-256.
+fn duplicate_key(delivery: &NewDelivery) -> Vec<u8> {
+    match &delivery.extracted.controlid {
+        Some(controlid) => {
+            let mut key = controlid_prefix(controlid);
+            push_string(&mut key, &delivery.policy);
+            key.extend_from_slice(&delivery.sha256);
+            key
+        }
+        None => unmatched_key(&delivery.policy, &delivery.sha256),
+    }
+}
+
+/// The sled side of a run of deliveries, gathered by [`Writer::put_one`].
+#[derive(Default)]
+struct RunBatch {
+    /// Records, indexes and expectation removals.
+    batch: sled::Batch,
+    /// The expectations the run resolves (for the readers' overlay).
+    resolved: Vec<Expectation>,
+    /// The deliveries stored by the run, by [`duplicate_key`].
+    stored: HashMap<Vec<u8>, u64>,
+}
+
+/// Reads the body of delivery `id` whose sled record is `raw`: from the body log, or from the
+/// `b` key for a record of version 1. `None` when it is gone (removed meanwhile).
+fn read_body_of(
+    db: &sled::Db,
+    segments: &SegmentReader,
+    id: u64,
+    raw: &[u8],
+) -> Result<Option<Bytes>, StoreError> {
+    let Some(at) = location(raw) else {
+        return read_bytes(db, &id_key(BODY, id));
+    };
+    match segments.body(at, id) {
+        Ok(body) => Ok(Some(body)),
+        // A purge removed the delivery and its segment after the record was read.
+        Err(segments::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(segments::ReadError::Io(e)) => Err(StoreError::Io(format!("reading a body: {e}"))),
+        Err(segments::ReadError::Mismatch(reason)) => Err(StoreError::Corrupt {
+            key: format!("m/{}", DeliveryId(id)),
+            reason,
+        }),
+    }
+}
+
+/// Reads the body of delivery `id`.
+fn read_body(
+    db: &sled::Db,
+    segments: &SegmentReader,
+    id: u64,
+) -> Result<Option<Bytes>, StoreError> {
+    match db.get(id_key(META, id)).map_err(sled_error)? {
+        Some(raw) => read_body_of(db, segments, id, &raw),
+        None => Ok(None),
+    }
 }
 
 /// `prefix` followed by the big-endian id.
@@ -2136,6 +2461,12 @@ fn decode_named<T: for<'de> Deserialize<'de>>(
         Some((&RECORD_VERSION, json)) => {
             serde_json::from_slice(json).map_err(|e| corrupt(format!("bad json: {e}")))
         }
+        Some((&LOCATED_VERSION, rest)) => match rest.get(16..) {
+            Some(json) => {
+                serde_json::from_slice(json).map_err(|e| corrupt(format!("bad json: {e}")))
+            }
+            None => Err(corrupt("truncated location".to_owned())),
+        },
         Some((version, _)) => Err(corrupt(format!("unknown version {version}"))),
         None => Err(corrupt("empty".to_owned())),
     }
@@ -2470,10 +2801,9 @@ mod tests {
             .await
             .expect("put")
             .id();
-        // sled keeps a value this large in a blob file of its own, which the writer fsyncs.
-        assert!(!list_dir(&dir.path().join("blobs"))
-            .expect("blobs")
-            .is_empty());
+        // The body is in the body log, not in sled (which would keep it in a blob file).
+        assert!(list_dir(&dir.path().join("blobs")).map_or(true, |blobs| blobs.is_empty()));
+        assert!(dir_size(&dir.path().join(BODIES_DIR), 0) > body.len() as u64);
         drop(store);
         let store = reopen(dir.path()).await;
         let stored = store.body(id).await.expect("body").expect("some");

@@ -14,9 +14,10 @@ use bytes::Bytes;
 
 use super::{
     decode_delivery, decode_expectation, decode_quarantine, encode, expect_key, expect_time_key,
-    id_key, id_suffix, insert_delivery, read_bytes, sled_error, sync_dir, time_key, DeliveryKeys,
-    SledOptions, SledStore, StoredDeliveryRef, StoredQuarantineRef, BODY, DELIVERIES_KEY, EXPECT,
-    KIND_QUARANTINE, META, NEXT_ID_KEY, QBODY, QMETA, QUARANTINED_KEY,
+    id_key, id_suffix, insert_delivery, located_meta, read_body_of, read_bytes, segments,
+    sled_error, sync_dir, time_key, DeliveryKeys, SledOptions, SledStore, StoredDeliveryRef,
+    StoredQuarantineRef, BODIES_DIR, DELIVERIES_KEY, EXPECT, KIND_QUARANTINE, LOG_END_KEY, META,
+    NEXT_ID_KEY, QBODY, QMETA, QUARANTINED_KEY,
 };
 use crate::store::{DeliveryRecord, Expectation, QuarantineRecord, StoreError};
 
@@ -148,6 +149,7 @@ impl SledStore {
             }
         };
         let (body_db, qbody_db) = (db.clone(), db.clone());
+        let segments = std::sync::Arc::clone(&self.segments);
         let deliveries =
             db.scan_prefix([META])
                 .map(move |entry| -> Result<Option<BackupItem>, StoreError> {
@@ -156,8 +158,8 @@ impl SledStore {
                         return Ok(None);
                     };
                     let record = decode_delivery(id, &raw)?;
-                    let body =
-                        read_bytes(&body_db, &id_key(BODY, id))?.ok_or_else(|| missing_body(id))?;
+                    let body = read_body_of(&body_db, &segments, id, &raw)?
+                        .ok_or_else(|| missing_body(id))?;
                     Ok(Some(BackupItem::Delivery {
                         record: Box::new(record),
                         body,
@@ -215,7 +217,14 @@ where
     E: From<RestoreError>,
 {
     let db = open_raw(dir)?;
-    let existing = counts_of(&db).map_err(RestoreError::from)?;
+    let mut existing = counts_of(&db).map_err(RestoreError::from)?;
+    let bodies = dir.join(BODIES_DIR);
+    let io = |e: std::io::Error| {
+        RestoreError::from(StoreError::Io(format!("{}: {e}", bodies.display())))
+    };
+    // Records in the body log would be replayed into sled by the next open.
+    let logged = segments::scan(&bodies, 0, |_| true).map_err(io)?;
+    existing.deliveries += logged.records.len() as u64;
     if existing.deliveries + existing.quarantined + existing.expectations > 0 {
         return Err(RestoreError::NotEmpty {
             dir: dir.to_path_buf(),
@@ -233,6 +242,7 @@ where
         batch: sled::Batch::default(),
         batch_items: 0,
         batch_bytes: 0,
+        log: segments::SegmentLog::open(&bodies, logged.end).map_err(io)?,
     };
     for item in items {
         restorer.add(&item?)?;
@@ -252,6 +262,9 @@ where
     restorer
         .batch
         .insert(QUARANTINED_KEY, &counts.quarantined.to_be_bytes()[..]);
+    restorer.log.sync().map_err(io)?;
+    let end = restorer.log.position();
+    restorer.batch.insert(LOG_END_KEY, &end.to_bytes()[..]);
     restorer.apply(&db)?;
     db.flush().map_err(|e| RestoreError::from(sled_error(e)))?;
     drop(db);
@@ -273,6 +286,8 @@ struct Restorer {
     batch_items: usize,
     /// Body bytes in it.
     batch_bytes: usize,
+    /// The body log the bodies go to.
+    log: segments::SegmentLog,
 }
 
 impl Restorer {
@@ -306,6 +321,10 @@ impl Restorer {
                     sha256: hex::encode(record.sha256),
                     extracted: &record.extracted,
                 };
+                let meta = encode(&stored, "restored delivery")?;
+                let at = self.log.append(id, &meta, body).map_err(|e| {
+                    RestoreError::from(StoreError::Io(format!("writing the body log: {e}")))
+                })?;
                 insert_delivery(
                     &mut self.batch,
                     DeliveryKeys {
@@ -315,8 +334,7 @@ impl Restorer {
                         received_at_ms: record.received_at_ms,
                         policy: &record.policy,
                     },
-                    encode(&stored, "restored delivery")?,
-                    body,
+                    located_meta(at, &meta),
                 );
                 self.counts.deliveries += 1;
                 self.batch_bytes += body.len();

@@ -133,10 +133,11 @@ impl std::fmt::Display for RecoverReport {
     }
 }
 
-/// Whether `name` is one of sled's entries in a data directory (the log, its configuration,
-/// snapshots and blobs), as opposed to what else lives there (`dev-secrets.toml`, recoveries).
+/// Whether `name` is one of the store's entries in a data directory (sled's log, its
+/// configuration, snapshots and blobs, and the body log), as opposed to what else lives there
+/// (`dev-secrets.toml`, recoveries).
 fn is_sled_entry(name: &str) -> bool {
-    matches!(name, "db" | "conf" | "blobs") || name.starts_with("snap.")
+    matches!(name, "db" | "conf" | "blobs" | super::BODIES_DIR) || name.starts_with("snap.")
 }
 
 /// Refuses to open a directory in the middle of a `recover` swap.
@@ -517,6 +518,7 @@ mod tests {
             "db",
             "conf",
             "blobs",
+            "bodies",
             "snap.00000000000001A0",
             "snap.1.generating",
         ] {
