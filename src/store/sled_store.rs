@@ -8,8 +8,8 @@
 //!
 //! | key | value | what for |
 //! | --- | --- | --- |
-//! | `m` id | version byte + JSON of the record, without the body | `record`, `feed` |
-//! | `b` id | the raw body | `body` |
+//! | `m` id | version `2` ‖ body [`Position`] (16) ‖ JSON of the record, without the body | `record`, `feed`, `body` |
+//! | `b` id | the raw body, only for records of version `1` (written before the body log) | `body` |
 //! | `c` len controlid id | sha256 (32) ‖ received_at (8) ‖ policy | `latest`, idempotency, delete |
 //! | `u` len policy sha256 | id | idempotency of unmatched deliveries |
 //! | `p` len policy id | empty | `feed` scoped to a few policies |
@@ -19,18 +19,34 @@
 //! | `e` len controlid len poller | version byte + JSON of the [`Expectation`] | `expectation`, `expectations`, resolution by `put` |
 //! | `E` since_ms len controlid len poller | empty | retention of expectations (`purge_older_than`) |
 //! | `s/next_id`, `s/deliveries`, `s/quarantined`, `s/probe` | big-endian `u64` | counters, probe |
+//! | `s/log_end` | [`Position`] | where the body log ended after the last run of puts sled has |
 //!
-//! Metadata is kept apart from bodies, so scans never read a body.
+//! Delivery bodies are not in sled: they are in the body log (`bodies/`, see [`segments`]),
+//! an append-only sequence of segment files whose records carry the body, the record JSON, the
+//! id and a CRC. Metadata is therefore kept apart from bodies, so scans never read a body, and
+//! sled (whose own log would write every large value twice) only holds small values.
+//! Quarantined bodies stay in sled (`Q`): they are rare, and take the slower path below.
 //!
 //! # Group commit
 //!
 //! One writer thread (a plain `std::thread`, named `sled-writer`) owns every mutation. Requests
 //! arrive on a bounded tokio channel; the writer takes the first one, then every request already
-//! waiting (up to `max_batch`), applies each as one atomic sled batch (assigning ids from the
-//! counter and persisting the counter in that same batch), then makes the whole group durable
-//! once (`Db::flush`, plus an `fdatasync` of the log file and an `fsync` of any new blob file, see
-//! [`Writer::flush`]), then publishes the newest id on the `watch` channel, and only then answers
-//! each request. Requests that arrive during a flush queue up and form the next group.
+//! waiting (up to `max_batch`). Each run of consecutive puts appends its bodies to the body log
+//! and applies one atomic sled batch (records, indexes, resolved expectations, and the id
+//! counter, delivery count and `s/log_end` in that same batch); any other request is one sled
+//! batch of its own. Then the writer makes the whole group durable once, publishes the newest id
+//! on the `watch` channel, and only then answers each request. Requests that arrive during a
+//! flush queue up and form the next group.
+//!
+//! Making a group durable costs one `fdatasync` of the body log when the group holds only puts:
+//! everything a put stores is in its log record, so sled's copy may lag (sled flushes in the
+//! background every 500 ms, and on close). At open, the records of the log from `s/log_end` on
+//! whose ids sled does not have yet are replayed into sled as the writer would have applied them
+//! ([`open_log`]); and deliveries sled has but whose bodies a power cut took from the log's
+//! unsynced tail (none of them was acknowledged) are removed, so that the retry is stored anew.
+//! A group with any other request (quarantine, delete, expect, purge, probe) also flushes sled
+//! (`Db::flush`, plus an `fdatasync` of sled's log file and an `fsync` of any new blob file, see
+//! [`Writer::flush`]).
 //!
 //! If applying or flushing fails, every request of the group is answered [`StoreError::Io`] and
 //! the watermark stays where it was; the writer keeps running. Writes applied before the failure
@@ -1440,28 +1456,7 @@ impl Writer {
                 continue;
             };
             deliveries += 1;
-            // A record that cannot be decoded still goes; its index entries may stay behind,
-            // and readers skip index entries whose record is gone.
-            if let Ok(record) = decode_delivery(id, &raw) {
-                batch.remove(policy_key(&record.policy, id));
-                match &record.extracted.controlid {
-                    Some(controlid) => batch.remove(controlid_key(controlid, id)),
-                    None => {
-                        let key = unmatched_key(&record.policy, &record.sha256);
-                        let points_here = self
-                            .db()?
-                            .get(&key)
-                            .map_err(sled_error)?
-                            .and_then(|value| be_u64(&value))
-                            == Some(id);
-                        if points_here {
-                            batch.remove(key);
-                        }
-                    }
-                }
-            }
-            batch.remove(&id_key(META, id)[..]);
-            batch.remove(&id_key(BODY, id)[..]);
+            remove_delivery(self.db()?, &mut batch, id, &raw, false)?;
         }
         let mut expectations = 0_u64;
         let start = [EXPECT_TIME];
@@ -1791,20 +1786,53 @@ fn open_log(
 ) -> Result<(u64, u64, SegmentLog), StoreError> {
     let bodies = dir.join(BODIES_DIR);
     let io = |e: std::io::Error| StoreError::Io(format!("reading {}: {e}", bodies.display()));
-    let from = match db.get(LOG_END_KEY).map_err(sled_error)? {
-        Some(raw) => Position::from_bytes(&raw).map_or(0, |at| at.segment),
-        None => 0,
-    };
+    let stored_end = db
+        .get(LOG_END_KEY)
+        .map_err(sled_error)?
+        .and_then(|raw| Position::from_bytes(&raw));
+    let from = stored_end.map_or(0, |at| at.segment);
     let scan = segments::scan(&bodies, from, |id| id >= next_id).map_err(io)?;
     if scan.skipped_bytes > 0 {
         tracing::warn!(
             bytes = scan.skipped_bytes,
-            "the body log ended in an incomplete record (a write cut short by a crash, never acknowledged); it is cut off"
+            "the body log ended in an incomplete record (a write cut short by a crash, never acknowledged); it is cut off and kept in bodies/*.tail-*"
         );
     }
+    let deliveries = match stored_end {
+        Some(stored) if stored > scan.end => remove_orphans(db, scan.end, deliveries)?,
+        _ => deliveries,
+    };
     let (next_id, deliveries) = replay(db, &scan.records, next_id, deliveries, scan.end)?;
     let log = SegmentLog::open(&bodies, scan.end).map_err(io)?;
     Ok((next_id, deliveries, log))
+}
+
+/// Removes from sled the newest deliveries whose bodies start at or after `end`, where the
+/// body log now ends: sled's background flush stored their group before a power cut took the
+/// log's unsynced tail, so none of them was acknowledged (the gateway retries them). Returns
+/// the new delivery count.
+fn remove_orphans(db: &sled::Db, end: Position, deliveries: u64) -> Result<u64, StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut removed = 0_u64;
+    for entry in db.scan_prefix([META]).rev() {
+        let (key, raw) = entry.map_err(sled_error)?;
+        let Some(id) = id_suffix(&key) else { continue };
+        match location(&raw) {
+            Some(at) if at >= end => remove_delivery(db, &mut batch, id, &raw, true)?,
+            _ => break,
+        }
+        removed += 1;
+    }
+    let deliveries = deliveries.saturating_sub(removed);
+    batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
+    batch.insert(LOG_END_KEY, &end.to_bytes()[..]);
+    db.apply_batch(batch).map_err(sled_error)?;
+    db.flush().map_err(sled_error)?;
+    tracing::warn!(
+        deliveries = removed,
+        "removed deliveries whose bodies the body log lost in a crash before they were acknowledged; the gateway sends them again"
+    );
+    Ok(deliveries)
 }
 
 /// Writes into sled the deliveries of `records` (from the body log, ids ascending from
@@ -2123,6 +2151,39 @@ fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8
     }
     batch.insert(policy_key(policy, id), &[][..]);
     batch.insert(&time_key(received_at_ms, id)[..], &[KIND_DELIVERY][..]);
+}
+
+/// Adds to `batch` the removal of delivery `id` (sled record `raw`) and its index entries;
+/// with `with_time`, its time entry too (a purge removes that itself). A record that cannot be
+/// decoded still goes; its index entries may stay behind, and readers skip index entries whose
+/// record is gone.
+fn remove_delivery(
+    db: &sled::Db,
+    batch: &mut sled::Batch,
+    id: u64,
+    raw: &[u8],
+    with_time: bool,
+) -> Result<(), StoreError> {
+    if let Ok(record) = decode_delivery(id, raw) {
+        batch.remove(policy_key(&record.policy, id));
+        if with_time {
+            batch.remove(&time_key(record.received_at_ms, id)[..]);
+        }
+        match &record.extracted.controlid {
+            Some(controlid) => batch.remove(controlid_key(controlid, id)),
+            None => {
+                let key = unmatched_key(&record.policy, &record.sha256);
+                let points_here =
+                    db.get(&key).map_err(sled_error)?.and_then(|v| be_u64(&v)) == Some(id);
+                if points_here {
+                    batch.remove(key);
+                }
+            }
+        }
+    }
+    batch.remove(&id_key(META, id)[..]);
+    batch.remove(&id_key(BODY, id)[..]);
+    Ok(())
 }
 
 /// The sled value of a delivery record whose body is in the log at `at`: `record` (from
@@ -2828,6 +2889,161 @@ mod tests {
             store.body_of(&small).await.expect("body_of").as_deref(),
             Some(&b"<response>s</response>"[..])
         );
+    }
+
+    /// The scan of the whole body log of the store in `dir`.
+    fn scan_log(dir: &Path) -> segments::Scan {
+        segments::scan(&dir.join(BODIES_DIR), 0, |_| true).expect("scan")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deliveries_only_in_the_body_log_are_replayed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let first = store
+            .put(delivery("pol", Some("ctl-1"), b"<response>1</response>", 1))
+            .await
+            .expect("put")
+            .id();
+        store
+            .expect(expectation("ctl-2", "alice", 5, 60))
+            .await
+            .expect("expect");
+        store.close().await.expect("close");
+        drop(store);
+
+        // What a group acknowledged after the log's fdatasync but before sled's background
+        // flush leaves behind: the delivery in the log only.
+        let scan = scan_log(dir.path());
+        assert_eq!(scan.records.len(), 1);
+        let mut log = SegmentLog::open(&dir.path().join(BODIES_DIR), scan.end).expect("log");
+        let lost = delivery("pol", Some("ctl-2"), b"<response>2</response>", 7);
+        let lost_id = first.0 + 1;
+        log.append(
+            lost_id,
+            &encode_delivery(&lost).expect("encode"),
+            &lost.body,
+        )
+        .expect("append");
+        log.sync().expect("sync");
+        drop(log);
+
+        let store = reopen(dir.path()).await;
+        let latest = store
+            .latest("ctl-2", &Scope::All)
+            .await
+            .expect("latest")
+            .expect("replayed");
+        assert_eq!(latest.record.id, DeliveryId(lost_id));
+        assert_eq!(latest.record.received_at_ms, 7);
+        assert_eq!(
+            store
+                .body(DeliveryId(lost_id))
+                .await
+                .expect("body")
+                .as_deref(),
+            Some(&b"<response>2</response>"[..])
+        );
+        assert_eq!(store.delivery_count(), 2);
+        // The replay resolved the expectation as the put would have, and ids go on after it.
+        assert!(store
+            .expectation("ctl-2", "alice")
+            .await
+            .expect("expectation")
+            .is_none());
+        let next = store
+            .put(delivery("pol", Some("ctl-3"), b"<response>3</response>", 9))
+            .await
+            .expect("put")
+            .id();
+        assert!(next.0 > lost_id);
+        // The same bytes again are a duplicate of the replayed delivery.
+        let again = store.put(lost.clone()).await.expect("put");
+        assert!(matches!(again, PutOutcome::Duplicate(id) if id.0 == lost_id));
+        store.close().await.expect("close");
+        drop(store);
+        // A second open replays nothing more.
+        let store = reopen(dir.path()).await;
+        assert_eq!(store.delivery_count(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deliveries_whose_bodies_the_log_lost_are_removed_and_the_torn_tail_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let kept = delivery("pol", Some("a"), b"<response>a</response>", 1);
+        let lost = delivery("pol", None, b"<response>b</response>", 2);
+        let kept_id = store.put(kept).await.expect("put").id();
+        let lost_id = store.put(lost.clone()).await.expect("put").id();
+        store.close().await.expect("close");
+        drop(store);
+
+        // A power cut that took the log's unsynced tail after sled had stored the group:
+        // the second record is cut in the middle.
+        let scan = scan_log(dir.path());
+        let torn = scan.records[1].at;
+        let path = dir
+            .path()
+            .join(BODIES_DIR)
+            .join(format!("{:016x}.seg", torn.segment));
+        let file = OpenOptions::new().write(true).open(&path).expect("segment");
+        file.set_len(torn.offset + 10).expect("truncate");
+        drop(file);
+
+        let store = reopen(dir.path()).await;
+        assert!(store.record(lost_id).await.expect("record").is_none());
+        assert!(store.body(kept_id).await.expect("body").is_some());
+        assert_eq!(store.delivery_count(), 1);
+        // The retry is stored anew, not taken for a duplicate of the lost one.
+        let retry = store.put(lost).await.expect("put");
+        let PutOutcome::Stored(retry_id) = retry else {
+            panic!("expected Stored, got {retry:?}")
+        };
+        assert_eq!(
+            store.body(retry_id).await.expect("body").as_deref(),
+            Some(&b"<response>b</response>"[..])
+        );
+        let tail = dir
+            .path()
+            .join(BODIES_DIR)
+            .join(format!("{:016x}.tail-{:x}", torn.segment, torn.offset));
+        assert_eq!(fs::metadata(&tail).expect("tail kept").len(), 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purge_removes_body_log_segments_nothing_points_into() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let big = (segments::SEGMENT_BYTES / 3) as usize;
+        let mut ids = Vec::new();
+        for i in 0..5_u8 {
+            let body = vec![b'a' + i; big];
+            let id = store
+                .put(delivery("pol", Some(&format!("c{i}")), &body, i64::from(i)))
+                .await
+                .expect("put")
+                .id();
+            ids.push(id);
+        }
+        let bodies = dir.path().join(BODIES_DIR);
+        let before = segments::list_segments(&bodies).expect("list");
+        assert!(before.len() >= 2, "{before:?}");
+        let last_segment = scan_log(dir.path()).records[4].at.segment;
+        assert_eq!(store.purge_older_than(4, 100).await.expect("purge"), 4);
+        let after = segments::list_segments(&bodies).expect("list");
+        assert_eq!(
+            after.first(),
+            Some(&last_segment),
+            "{before:?} -> {after:?}"
+        );
+        assert!(after.len() < before.len());
+        let body = store.body(ids[4]).await.expect("body").expect("some");
+        assert!(body.iter().all(|b| *b == b'e') && body.len() == big);
+        store.close().await.expect("close");
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(store.delivery_count(), 1);
+        assert!(store.body(ids[4]).await.expect("body").is_some());
     }
 
     #[tokio::test(flavor = "multi_thread")]

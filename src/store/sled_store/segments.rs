@@ -157,8 +157,13 @@ impl SegmentLog {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        if file.metadata()?.len() != end.offset {
-            // A torn record at the end of the newest segment: cut it off.
+        let len = file.metadata()?.len();
+        if len != end.offset {
+            // A torn record at the end of the newest segment (a write cut short, never
+            // acknowledged): cut it off, keeping the bytes aside in case they matter.
+            if len > end.offset {
+                keep_tail(dir, &file, end)?;
+            }
             file.set_len(end.offset)?;
             file.sync_all()?;
         }
@@ -526,6 +531,18 @@ pub(super) fn scan(dir: &Path, from: u64, keep: impl Fn(u64) -> bool) -> io::Res
         end,
         skipped_bytes,
     })
+}
+
+/// Copies what follows `end` in its segment to `{segment}.tail-{offset}` (both hex) next to it,
+/// synced, before the segment is cut there.
+fn keep_tail(dir: &Path, file: &File, end: Position) -> io::Result<()> {
+    let path = dir.join(format!("{:016x}.tail-{:x}", end.segment, end.offset));
+    let mut tail = File::create(&path)?;
+    let mut from = file.try_clone()?;
+    io::Seek::seek(&mut from, io::SeekFrom::Start(end.offset))?;
+    io::copy(&mut from, &mut tail)?;
+    tail.sync_all()?;
+    sync_dir(dir)
 }
 
 #[cfg(test)]
