@@ -18,8 +18,9 @@
 //! | `Q` id | the raw quarantined body | `quarantined_body` |
 //! | `e` len controlid len poller | version byte + JSON of the [`Expectation`] | `expectation`, `expectations`, resolution by `put` |
 //! | `E` since_ms len controlid len poller | empty | retention of expectations (`purge_older_than`) |
-//! | `s/next_id`, `s/deliveries`, `s/quarantined`, `s/probe` | big-endian `u64` | counters, probe |
-//! | `s/log_end` | [`Position`] | where the body log ended after the last run of puts sled has |
+//! | `s/counters` | next id ‖ delivery count (big-endian `u64`s) ‖ body log end ([`Position`]) | counters, where the replay starts ([`Counters`]) |
+//! | `s/quarantined`, `s/probe` | big-endian `u64` | counter, probe |
+//! | `s/next_id`, `s/deliveries`, `s/log_end` | as `s/counters` | read only from a database written before `s/counters` |
 //!
 //! Delivery bodies are not in sled: they are in the body log (`bodies/`, see [`segments`]),
 //! an append-only sequence of segment files whose records carry the body, the record JSON, the
@@ -31,10 +32,10 @@
 //!
 //! One writer thread (a plain `std::thread`, named `sled-writer`) owns every mutation. Requests
 //! arrive on a bounded tokio channel; the writer takes the first one, then every request already
-//! waiting (up to `max_batch`). Each run of consecutive puts appends its bodies to the body log
-//! and applies one atomic sled batch (records, indexes, resolved expectations, and the id
-//! counter, delivery count and `s/log_end` in that same batch); any other request is one sled
-//! batch of its own. Then the writer makes the whole group durable once, publishes the newest id
+//! waiting (up to `max_batch`). Each run of consecutive puts appends its bodies to the body log,
+//! then writes its sled keys one by one (records, indexes, resolved expectations, and last
+//! `s/counters`; see [`Writes`] for why not as a batch); any other request is one atomic sled
+//! batch of its own, `s/counters` included when it changes them. Then the writer makes the whole group durable once, publishes the newest id
 //! on the `watch` channel, and only then answers each request. Requests that arrive during a
 //! flush queue up and form the next group.
 //!
@@ -132,8 +133,14 @@ const DELIVERIES_KEY: &[u8] = b"s/deliveries";
 const QUARANTINED_KEY: &[u8] = b"s/quarantined";
 /// Written by `check_writable`.
 const PROBE_KEY: &[u8] = b"s/probe";
-/// Where the body log ends after the last group sled has: replay starts at its segment.
+/// Where the body log ended after the last run of puts, before [`COUNTERS_KEY`] (read for a
+/// database written before it).
 const LOG_END_KEY: &[u8] = b"s/log_end";
+/// The next id, the delivery count and the end of the body log, in one value ([`Counters`]):
+/// written last by every change of one of them, so that a run of puts, whose keys are applied
+/// one by one (see [`Writes`]), is counted exactly when this key is stored. Replaces
+/// `s/next_id`, `s/deliveries` and `s/log_end`, which are read only when it is missing.
+const COUNTERS_KEY: &[u8] = b"s/counters";
 
 /// Value of a `t` entry that points at a delivery.
 const KIND_DELIVERY: u8 = b'd';
@@ -1082,6 +1089,16 @@ impl Writer {
         result
     }
 
+    /// The [`COUNTERS_KEY`] value for the writer's next id and log end and `deliveries`.
+    fn counters(&self, deliveries: u64) -> [u8; 32] {
+        Counters {
+            next_id: self.next_id,
+            deliveries,
+            log_end: self.log.position(),
+        }
+        .to_bytes()
+    }
+
     /// Takes the next id; it is spent even if the write then fails, so ids are never reused.
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
@@ -1175,7 +1192,7 @@ impl Writer {
                 received_at_ms: delivery.received_at_ms,
                 policy: &delivery.policy,
             },
-            located_meta(at, &record),
+            &located_meta(at, &record),
         );
         pending.stored.insert(key, id);
         pending.resolved.append(&mut resolved);
@@ -1194,9 +1211,8 @@ impl Writer {
             return Ok(());
         }
         if added > 0 {
-            batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
-            batch.insert(DELIVERIES_KEY, &(self.deliveries + added).to_be_bytes()[..]);
-            batch.insert(LOG_END_KEY, &self.log.position().to_bytes()[..]);
+            // After the run's keys: once this is stored, so are they (see [`Writes`]).
+            batch.put(COUNTERS_KEY, &self.counters(self.deliveries + added));
         }
         self.apply_resolving(batch, resolved)?;
         self.deliveries += added;
@@ -1273,13 +1289,9 @@ impl Writer {
 
     /// Applies a batch that removes `resolved`, keeping them visible to readers until the next
     /// successful commit (see the module documentation).
-    fn apply_resolving(
-        &self,
-        batch: sled::Batch,
-        resolved: Vec<Expectation>,
-    ) -> Result<(), StoreError> {
+    fn apply_resolving(&self, batch: Writes, resolved: Vec<Expectation>) -> Result<(), StoreError> {
         if resolved.is_empty() {
-            return self.db()?.apply_batch(batch).map_err(sled_error);
+            return batch.apply(self.db()?);
         }
         // Into the overlay first: there must be no moment where the key is gone and the overlay
         // does not have it yet.
@@ -1291,20 +1303,9 @@ impl Writer {
                 pending.push(expectation.clone());
             }
         }
-        if let Err(e) = self.db()?.apply_batch(batch) {
-            // Nothing was removed: the keys still show these expectations.
-            let mut resolving = self.shared.resolving();
-            for expectation in &resolved {
-                if let Some(pending) = resolving.get_mut(&expectation.controlid) {
-                    pending.retain(|e| e.poller != expectation.poller);
-                    if pending.is_empty() {
-                        resolving.remove(&expectation.controlid);
-                    }
-                }
-            }
-            return Err(sled_error(e));
-        }
-        Ok(())
+        // On an error some removals may have been applied: the overlay keeps showing them (the
+        // group fails, so their deliveries stay hidden) until the next commit or the reopen.
+        batch.apply(self.db()?)
     }
 
     /// Records an expectation, or refreshes the timeout of an existing one (keeping its
@@ -1381,7 +1382,7 @@ impl Writer {
             &time_key(item.received_at_ms, id)[..],
             &[KIND_QUARANTINE][..],
         );
-        batch.insert(NEXT_ID_KEY, &self.next_id.to_be_bytes()[..]);
+        batch.insert(COUNTERS_KEY, &self.counters(self.deliveries)[..]);
         batch.insert(QUARANTINED_KEY, &(self.quarantined + 1).to_be_bytes()[..]);
         self.db()?.apply_batch(batch).map_err(sled_error)?;
         self.quarantined += 1;
@@ -1417,7 +1418,7 @@ impl Writer {
         }
         if removed > 0 {
             let deliveries = self.deliveries.saturating_sub(removed);
-            batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
+            batch.insert(COUNTERS_KEY, &self.counters(deliveries)[..]);
             self.db()?.apply_batch(batch).map_err(sled_error)?;
             self.deliveries = deliveries;
             self.shared.deliveries.store(deliveries, Ordering::Relaxed);
@@ -1491,7 +1492,7 @@ impl Writer {
         if scanned > 0 {
             let new_deliveries = self.deliveries.saturating_sub(deliveries);
             let new_quarantined = self.quarantined.saturating_sub(quarantined);
-            batch.insert(DELIVERIES_KEY, &new_deliveries.to_be_bytes()[..]);
+            batch.insert(COUNTERS_KEY, &self.counters(new_deliveries)[..]);
             batch.insert(QUARANTINED_KEY, &new_quarantined.to_be_bytes()[..]);
             self.db()?.apply_batch(batch).map_err(sled_error)?;
             self.deliveries = new_deliveries;
@@ -1608,7 +1609,7 @@ fn resolve_expectations(
     db: &sled::Db,
     controlid: &str,
     policy: &str,
-    batch: &mut sled::Batch,
+    batch: &mut impl KeyWrites,
 ) -> Result<Vec<Expectation>, StoreError> {
     let mut resolved = Vec::new();
     for entry in db.scan_prefix(expect_prefix(controlid)) {
@@ -1617,8 +1618,8 @@ fn resolve_expectations(
             // A poller that may not read this policy still awaits its own answer.
             Ok(expectation) if !expectation.scope.allows(policy) => {}
             Ok(expectation) => {
-                batch.remove(key.clone());
-                batch.remove(expect_time_key(
+                batch.del(&key);
+                batch.del(&expect_time_key(
                     expectation.since_ms,
                     &expectation.controlid,
                     &expectation.poller,
@@ -1627,7 +1628,7 @@ fn resolve_expectations(
             }
             // Its `E` entry (time unknown) is left to the purge, which checks before removing.
             Err(e) => {
-                batch.remove(key.clone());
+                batch.del(&key);
                 tracing::warn!(error = %e, "removing an undecodable expectation");
             }
         }
@@ -1740,11 +1741,7 @@ fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
         }
     })?;
 
-    let next_id = initial_next_id(&db)?;
-    let deliveries = match read_counter(&db, DELIVERIES_KEY)? {
-        Some(n) => n,
-        None => count_prefix(&db, META)?,
-    };
+    let counters = read_counters(&db)?;
     let quarantined = match read_counter(&db, QUARANTINED_KEY)? {
         Some(n) => n,
         None => count_prefix(&db, QMETA)?,
@@ -1758,7 +1755,7 @@ fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
         .open(dir.join("db"))
         .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.join("db").display())))?;
     let synced_blobs = list_dir(&dir.join("blobs")).unwrap_or_default();
-    let (next_id, deliveries, log) = open_log(dir, &db, next_id, deliveries)?;
+    let (next_id, deliveries, log) = open_log(dir, &db, counters)?;
     sync_dir(dir)?;
     Ok(Opened {
         db,
@@ -1771,49 +1768,62 @@ fn open_db(dir: &Path, options: &SledOptions) -> Result<Opened, StoreError> {
     })
 }
 
-/// Opens the body log of `dir` after replaying into sled the deliveries it holds that sled
-/// does not (those with an id from `next_id` on: sled's background flush had not caught up
-/// when the process stopped). Returns the next id, the delivery count and the log.
+/// Opens the body log of `dir` after bringing sled up to date with it; returns the next id,
+/// the delivery count and the log.
 ///
-/// The scan starts at the segment where the log ended after the last group sled has, and
-/// checks every record's CRC; a torn record at the end of the newest segment (a write that
-/// was never acknowledged) is cut off.
+/// `counters` are what sled stored last ([`read_counters`]). The log is scanned from the
+/// segment of their log end, checking every record's CRC; a torn record at the end of the
+/// newest segment (a write that was never acknowledged) is cut off. Then:
+///
+/// - deliveries that sled has but whose bodies start at or after the log's end are removed
+///   ([`remove_orphans`]: a power cut took the log's unsynced tail);
+/// - the log's records from the counters' next id on are replayed into sled ([`replay`]):
+///   sled's background flush had not stored their runs, or only part of one.
 fn open_log(
     dir: &Path,
     db: &sled::Db,
-    next_id: u64,
-    deliveries: u64,
+    counters: Option<Counters>,
 ) -> Result<(u64, u64, SegmentLog), StoreError> {
     let bodies = dir.join(BODIES_DIR);
     let io = |e: std::io::Error| StoreError::Io(format!("reading {}: {e}", bodies.display()));
-    let stored_end = db
-        .get(LOG_END_KEY)
-        .map_err(sled_error)?
-        .and_then(|raw| Position::from_bytes(&raw));
-    let from = stored_end.map_or(0, |at| at.segment);
-    let scan = segments::scan(&bodies, from, |id| id >= next_id).map_err(io)?;
+    let counted = counters.unwrap_or(Counters {
+        next_id: 1,
+        deliveries: 0,
+        log_end: Position {
+            segment: 0,
+            offset: 0,
+        },
+    });
+    let counted_next = counted.next_id.max(1);
+    let scan =
+        segments::scan(&bodies, counted.log_end.segment, |id| id >= counted_next).map_err(io)?;
     if scan.skipped_bytes > 0 {
         tracing::warn!(
             bytes = scan.skipped_bytes,
             "the body log ended in an incomplete record (a write cut short by a crash, never acknowledged); it is cut off and kept in bodies/*.tail-*"
         );
     }
-    let deliveries = match stored_end {
-        Some(stored) if stored > scan.end => remove_orphans(db, scan.end, deliveries)?,
-        _ => deliveries,
-    };
+    let deliveries = remove_orphans(db, scan.end, counted_next, counted.deliveries)?;
+    // Ids are never reused: also past every record and quarantined body sled has.
+    let next_id = initial_next_id(db)?.max(counted_next);
     let (next_id, deliveries) = replay(db, &scan.records, next_id, deliveries, scan.end)?;
     let log = SegmentLog::open(&bodies, scan.end).map_err(io)?;
     Ok((next_id, deliveries, log))
 }
 
 /// Removes from sled the newest deliveries whose bodies start at or after `end`, where the
-/// body log now ends: sled's background flush stored their group before a power cut took the
-/// log's unsynced tail, so none of them was acknowledged (the gateway retries them). Returns
-/// the new delivery count.
-fn remove_orphans(db: &sled::Db, end: Position, deliveries: u64) -> Result<u64, StoreError> {
+/// body log now ends: sled's background flush stored (part of) their runs before a power cut
+/// took the log's unsynced tail, so none of them was acknowledged (the gateway retries them).
+/// Returns the delivery count, less those of them that `counted_next` shows were counted.
+fn remove_orphans(
+    db: &sled::Db,
+    end: Position,
+    counted_next: u64,
+    deliveries: u64,
+) -> Result<u64, StoreError> {
     let mut batch = sled::Batch::default();
     let mut removed = 0_u64;
+    let mut counted = 0_u64;
     for entry in db.scan_prefix([META]).rev() {
         let (key, raw) = entry.map_err(sled_error)?;
         let Some(id) = id_suffix(&key) else { continue };
@@ -1822,10 +1832,20 @@ fn remove_orphans(db: &sled::Db, end: Position, deliveries: u64) -> Result<u64, 
             _ => break,
         }
         removed += 1;
+        if id < counted_next {
+            counted += 1;
+        }
     }
-    let deliveries = deliveries.saturating_sub(removed);
-    batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
-    batch.insert(LOG_END_KEY, &end.to_bytes()[..]);
+    if removed == 0 {
+        return Ok(deliveries);
+    }
+    let deliveries = deliveries.saturating_sub(counted);
+    let counters = Counters {
+        next_id: counted_next,
+        deliveries,
+        log_end: end,
+    };
+    batch.insert(COUNTERS_KEY, &counters.to_bytes()[..]);
     db.apply_batch(batch).map_err(sled_error)?;
     db.flush().map_err(sled_error)?;
     tracing::warn!(
@@ -1835,9 +1855,10 @@ fn remove_orphans(db: &sled::Db, end: Position, deliveries: u64) -> Result<u64, 
     Ok(deliveries)
 }
 
-/// Writes into sled the deliveries of `records` (from the body log, ids ascending from
-/// `next_id`) as the writer would have: record, indexes, resolved expectations, counters;
-/// then flushes sled. Returns the new next id and delivery count.
+/// Writes into sled the deliveries of `records` (from the body log, ids ascending, none of
+/// them counted yet) as the writer would have: record, indexes, resolved expectations,
+/// counters; then flushes sled. Keys a partly stored run already has are written again, to
+/// the same values. Returns the new next id and delivery count.
 fn replay(
     db: &sled::Db,
     records: &[segments::Scanned],
@@ -1871,14 +1892,17 @@ fn replay(
                     received_at_ms: record.received_at_ms,
                     policy: &record.policy,
                 },
-                located_meta(scanned.at, &scanned.meta),
+                &located_meta(scanned.at, &scanned.meta),
             );
             next_id = next_id.max(scanned.id.saturating_add(1));
             deliveries += 1;
         }
-        batch.insert(NEXT_ID_KEY, &next_id.to_be_bytes()[..]);
-        batch.insert(DELIVERIES_KEY, &deliveries.to_be_bytes()[..]);
-        batch.insert(LOG_END_KEY, &end.to_bytes()[..]);
+        let counters = Counters {
+            next_id,
+            deliveries,
+            log_end: end,
+        };
+        batch.insert(COUNTERS_KEY, &counters.to_bytes()[..]);
         db.apply_batch(batch).map_err(sled_error)?;
     }
     db.flush().map_err(sled_error)?;
@@ -2129,11 +2153,66 @@ struct DeliveryKeys<'a> {
     policy: &'a str,
 }
 
+/// Where [`insert_delivery`], [`remove_delivery`] and [`resolve_expectations`] put their
+/// key changes: a `sled::Batch` (applied atomically) or [`Writes`] (applied one by one).
+trait KeyWrites {
+    /// Sets `key` to `value`.
+    fn put(&mut self, key: &[u8], value: &[u8]);
+    /// Removes `key`.
+    fn del(&mut self, key: &[u8]);
+}
+
+impl KeyWrites for sled::Batch {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.insert(key, value);
+    }
+    fn del(&mut self, key: &[u8]) {
+        self.remove(key);
+    }
+}
+
+/// Key changes applied one by one, in order, by [`Writes::apply`].
+///
+/// The writer uses them for a run of puts instead of a `sled::Batch`: sled 0.34 writes its log
+/// buffer out twice for every `apply_batch` (`PageCache::pin_log` rolls the buffer before and
+/// after the batch's reservation), on its IO threads with `sync_file_range`, which competed with
+/// the body log's `fdatasync` for the disk and cost about a fifth of the server's CPU under
+/// load. A run needs no batch: everything it writes is also in the body log, its keys come
+/// before the counters that follow them (`s/next_id` last), and sled recovers a prefix of its
+/// own log, so a crash leaves either the whole run or a part that the replay completes
+/// ([`open_log`]). Readers do not see a run before its commit (the watermark, and the overlay
+/// for removed expectations).
+#[derive(Default)]
+struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl KeyWrites for Writes {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.0.push((key.to_vec(), Some(value.to_vec())));
+    }
+    fn del(&mut self, key: &[u8]) {
+        self.0.push((key.to_vec(), None));
+    }
+}
+
+impl Writes {
+    /// Applies every change, in order; stops at the first error.
+    fn apply(self, db: &sled::Db) -> Result<(), StoreError> {
+        for (key, value) in self.0 {
+            match value {
+                Some(value) => db.insert(key, value).map(drop),
+                None => db.remove(key).map(drop),
+            }
+            .map_err(sled_error)?;
+        }
+        Ok(())
+    }
+}
+
 /// Adds one delivery's record (`meta`, from [`located_meta`]) and its index entries (by
 /// controlid or as unmatched, by policy, by time) to `batch`: the one place that knows which
 /// keys a delivery has, for the writer, the replay and a restore alike. The body is in the
 /// body log; the counters are the caller's.
-fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8>) {
+fn insert_delivery(batch: &mut impl KeyWrites, keys: DeliveryKeys<'_>, meta: &[u8]) {
     let DeliveryKeys {
         id,
         controlid,
@@ -2141,16 +2220,16 @@ fn insert_delivery(batch: &mut sled::Batch, keys: DeliveryKeys<'_>, meta: Vec<u8
         received_at_ms,
         policy,
     } = keys;
-    batch.insert(&id_key(META, id)[..], meta);
+    batch.put(&id_key(META, id), meta);
     match controlid {
-        Some(controlid) => batch.insert(
-            controlid_key(controlid, id),
-            controlid_value(sha256, received_at_ms, policy),
+        Some(controlid) => batch.put(
+            &controlid_key(controlid, id),
+            &controlid_value(sha256, received_at_ms, policy),
         ),
-        None => batch.insert(unmatched_key(policy, sha256), &id.to_be_bytes()[..]),
+        None => batch.put(&unmatched_key(policy, sha256), &id.to_be_bytes()),
     }
-    batch.insert(policy_key(policy, id), &[][..]);
-    batch.insert(&time_key(received_at_ms, id)[..], &[KIND_DELIVERY][..]);
+    batch.put(&policy_key(policy, id), &[]);
+    batch.put(&time_key(received_at_ms, id), &[KIND_DELIVERY]);
 }
 
 /// Adds to `batch` the removal of delivery `id` (sled record `raw`) and its index entries;
@@ -2218,11 +2297,78 @@ fn duplicate_key(delivery: &NewDelivery) -> Vec<u8> {
     }
 }
 
+/// The value of [`COUNTERS_KEY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counters {
+    /// The next id to assign.
+    next_id: u64,
+    /// How many deliveries are stored.
+    deliveries: u64,
+    /// Where the next body log record goes.
+    log_end: Position,
+}
+
+impl Counters {
+    /// `next_id` ‖ `deliveries` ‖ `log_end`, big-endian.
+    fn to_bytes(self) -> [u8; 32] {
+        let mut out = [0; 32];
+        out[..8].copy_from_slice(&self.next_id.to_be_bytes());
+        out[8..16].copy_from_slice(&self.deliveries.to_be_bytes());
+        out[16..].copy_from_slice(&self.log_end.to_bytes());
+        out
+    }
+
+    /// The inverse of [`to_bytes`](Self::to_bytes); `None` for a value of another length.
+    fn from_bytes(raw: &[u8]) -> Option<Counters> {
+        if raw.len() != 32 {
+            return None;
+        }
+        Some(Counters {
+            next_id: be_u64(&raw[..8])?,
+            deliveries: be_u64(&raw[8..16])?,
+            log_end: Position::from_bytes(&raw[16..])?,
+        })
+    }
+}
+
+/// The counters of `db`: from [`COUNTERS_KEY`], or from the keys it replaces (a database
+/// written before it; `None` where none was ever written).
+fn read_counters(db: &sled::Db) -> Result<Option<Counters>, StoreError> {
+    if let Some(raw) = db.get(COUNTERS_KEY).map_err(sled_error)? {
+        return Counters::from_bytes(&raw)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                key: "s/counters".to_owned(),
+                reason: format!("{} bytes, not 32", raw.len()),
+            });
+    }
+    let Some(next_id) = read_counter(db, NEXT_ID_KEY)? else {
+        return Ok(None);
+    };
+    let deliveries = match read_counter(db, DELIVERIES_KEY)? {
+        Some(n) => n,
+        None => count_prefix(db, META)?,
+    };
+    let log_end = db
+        .get(LOG_END_KEY)
+        .map_err(sled_error)?
+        .and_then(|raw| Position::from_bytes(&raw))
+        .unwrap_or(Position {
+            segment: 0,
+            offset: 0,
+        });
+    Ok(Some(Counters {
+        next_id,
+        deliveries,
+        log_end,
+    }))
+}
+
 /// The sled side of a run of deliveries, gathered by [`Writer::put_one`].
 #[derive(Default)]
 struct RunBatch {
     /// Records, indexes and expectation removals.
-    batch: sled::Batch,
+    batch: Writes,
     /// The expectations the run resolves (for the readers' overlay).
     resolved: Vec<Expectation>,
     /// The deliveries stored by the run, by [`duplicate_key`].
@@ -2965,6 +3111,58 @@ mod tests {
         // A second open replays nothing more.
         let store = reopen(dir.path()).await;
         assert_eq!(store.delivery_count(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_run_that_sled_stored_only_in_part_is_completed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let first = store
+            .put(delivery("pol", Some("a"), b"<response>a</response>", 1))
+            .await
+            .expect("put")
+            .id();
+        let second = store
+            .put(delivery("pol", Some("b"), b"<response>b</response>", 2))
+            .await
+            .expect("put")
+            .id();
+        store.close().await.expect("close");
+        drop(store);
+
+        // A prefix of the second run's keys, as sled may recover it after a crash: its record
+        // but not its index entries nor the counters after them.
+        let db = recovery::open_sled(dir.path(), 1 << 20).expect("sled");
+        db.remove(controlid_key("b", second.0)).expect("remove");
+        db.remove(policy_key("pol", second.0)).expect("remove");
+        let mut counters = read_counters(&db).expect("read").expect("counters");
+        assert_eq!(counters.deliveries, 2);
+        counters.next_id = second.0;
+        counters.deliveries = 1;
+        db.insert(COUNTERS_KEY, &counters.to_bytes()[..])
+            .expect("insert");
+        db.flush().expect("flush");
+        drop(db);
+
+        let store = reopen(dir.path()).await;
+        let latest = store
+            .latest("b", &scope(&["pol"]))
+            .await
+            .expect("latest")
+            .expect("completed by the replay");
+        assert_eq!(latest.record.id, second);
+        assert_eq!(latest.deliveries, 1);
+        assert!(store
+            .latest("a", &Scope::All)
+            .await
+            .expect("latest")
+            .is_some());
+        assert_eq!(store.delivery_count(), 2);
+        let feed = store.feed(None, 10, &scope(&["pol"])).await.expect("feed");
+        assert_eq!(
+            feed.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![first, second]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

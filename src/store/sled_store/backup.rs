@@ -15,9 +15,9 @@ use bytes::Bytes;
 use super::{
     decode_delivery, decode_expectation, decode_quarantine, encode, expect_key, expect_time_key,
     id_key, id_suffix, insert_delivery, located_meta, read_body_of, read_bytes, segments,
-    sled_error, sync_dir, time_key, DeliveryKeys, SledOptions, SledStore, StoredDeliveryRef,
-    StoredQuarantineRef, BODIES_DIR, DELIVERIES_KEY, EXPECT, KIND_QUARANTINE, LOG_END_KEY, META,
-    NEXT_ID_KEY, QBODY, QMETA, QUARANTINED_KEY,
+    sled_error, sync_dir, time_key, Counters, DeliveryKeys, SledOptions, SledStore,
+    StoredDeliveryRef, StoredQuarantineRef, BODIES_DIR, COUNTERS_KEY, EXPECT, KIND_QUARANTINE,
+    META, QBODY, QMETA, QUARANTINED_KEY,
 };
 use crate::store::{DeliveryRecord, Expectation, QuarantineRecord, StoreError};
 
@@ -255,16 +255,16 @@ where
     let counts = restorer.counts;
     restorer
         .batch
-        .insert(NEXT_ID_KEY, &counts.next_id.to_be_bytes()[..]);
-    restorer
-        .batch
-        .insert(DELIVERIES_KEY, &counts.deliveries.to_be_bytes()[..]);
-    restorer
-        .batch
         .insert(QUARANTINED_KEY, &counts.quarantined.to_be_bytes()[..]);
     restorer.log.sync().map_err(io)?;
-    let end = restorer.log.position();
-    restorer.batch.insert(LOG_END_KEY, &end.to_bytes()[..]);
+    let counters = Counters {
+        next_id: counts.next_id,
+        deliveries: counts.deliveries,
+        log_end: restorer.log.position(),
+    };
+    restorer
+        .batch
+        .insert(COUNTERS_KEY, &counters.to_bytes()[..]);
     restorer.apply(&db)?;
     db.flush().map_err(|e| RestoreError::from(sled_error(e)))?;
     drop(db);
@@ -334,7 +334,7 @@ impl Restorer {
                         received_at_ms: record.received_at_ms,
                         policy: &record.policy,
                     },
-                    located_meta(at, &meta),
+                    &located_meta(at, &meta),
                 );
                 self.counts.deliveries += 1;
                 self.batch_bytes += body.len();
@@ -414,7 +414,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
-    use crate::store::sled_store::{read_counter, DELIVERIES_KEY};
+    use crate::store::sled_store::read_counters;
     use crate::store::{
         DeliveryId, NewDelivery, NewQuarantine, PutOutcome, Scope, Store, StoreError,
     };
@@ -524,7 +524,9 @@ mod tests {
             .expect("put");
         assert_eq!(dup, PutOutcome::Duplicate(a.id()));
         assert_eq!(
-            read_counter(&store.db().expect("db"), DELIVERIES_KEY).expect("counter"),
+            read_counters(&store.db().expect("db"))
+                .expect("counters")
+                .map(|c| c.deliveries),
             Some(3)
         );
         store.close().await.expect("close");
