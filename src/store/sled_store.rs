@@ -1803,6 +1803,14 @@ fn open_log(
             "the body log ended in an incomplete record (a write cut short by a crash, never acknowledged); it is cut off and kept in bodies/*.tail-*"
         );
     }
+    if let Some(first) = scan.damaged.first() {
+        tracing::error!(
+            records = scan.damaged.len(),
+            segment = format!("{:016x}", first.segment),
+            offset = first.offset,
+            "records of the body log are damaged on disk (CRC mismatch): their deliveries cannot be read; the file is left as it is"
+        );
+    }
     let deliveries = remove_orphans(db, scan.end, counted_next, counted.deliveries)?;
     // Ids are never reused: also past every record and quarantined body sled has.
     let next_id = initial_next_id(db)?.max(counted_next);

@@ -31,10 +31,15 @@
 //! | 8 | length of the body, big-endian |
 //! | … | the encoded record (as sled stores it without a location) |
 //! | … | the body |
+//!
+//! The CRC is checked by the scan at open and by every read of a body
+//! ([`SegmentReader::body`]): damaged bytes are an error, never a body. A torn record at the
+//! end of the newest segment is cut off when the log is opened, its bytes kept in
+//! `NNNNNNNNNNNNNNNN.tail-OFFSET` beside it.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -387,8 +392,8 @@ impl SegmentReader {
             .remove(&segment);
     }
 
-    /// Reads the body of the record of delivery `id` at `at`. The header must name `id`; the
-    /// CRC is not checked (the scan at open checks it).
+    /// Reads the body of the record of delivery `id` at `at`. The header must name `id` and
+    /// the record's CRC must match: damaged bytes are an error, never a body.
     pub fn body(&self, at: Position, id: u64) -> Result<Bytes, ReadError> {
         let file = self.file(at.segment).map_err(ReadError::Io)?;
         let mut header = [0; HEADER_BYTES as usize];
@@ -402,16 +407,30 @@ impl SegmentReader {
                     at.segment, at.offset
                 ))
             })?;
+        let meta_len = fields.meta_len as usize;
         let len = usize::try_from(fields.body_len)
-            .map_err(|_| ReadError::Mismatch(format!("body of {} bytes", fields.body_len)))?;
-        let mut body = vec![0; len];
-        file.read_exact_at(
-            &mut body,
-            at.offset + HEADER_BYTES + u64::from(fields.meta_len),
-        )
-        .map_err(ReadError::Io)?;
-        Ok(Bytes::from(body))
+            .ok()
+            .and_then(|body| body.checked_add(meta_len))
+            .ok_or_else(|| ReadError::Mismatch(format!("body of {} bytes", fields.body_len)))?;
+        let mut record = vec![0; len];
+        file.read_exact_at(&mut record, at.offset + HEADER_BYTES)
+            .map_err(ReadError::Io)?;
+        if record_crc(&header, &record) != fields.crc {
+            return Err(ReadError::Mismatch(format!(
+                "the record of delivery {id} in segment {:016x} at {} is damaged (CRC mismatch)",
+                at.segment, at.offset
+            )));
+        }
+        Ok(Bytes::from(record).slice(meta_len..))
     }
+}
+
+/// The CRC of a record: over its header after the CRC field, then its meta and body.
+fn record_crc(header: &[u8; HEADER_BYTES as usize], rest: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[8..]);
+    crc.update(rest);
+    crc.finalize()
 }
 
 /// A decoded record header.
@@ -455,35 +474,43 @@ pub(super) struct Scan {
     pub records: Vec<Scanned>,
     /// Where the next record goes: the end of the last valid record of the newest segment.
     pub end: Position,
-    /// Bytes of torn or damaged records skipped (a torn tail of the newest segment is cut off
-    /// when the log is opened).
+    /// Bytes after the last valid record of a segment (a torn tail of the newest segment is cut
+    /// off, and kept aside, when the log is opened).
     pub skipped_bytes: u64,
+    /// Complete records whose CRC does not match (damaged on disk), stepped over.
+    pub damaged: Vec<Position>,
 }
 
 /// Reads every valid record of the segments numbered `from` and later (checking each CRC),
-/// calling `keep` on each record's id to decide whether its encoded record is kept. A
-/// segment ends at its first invalid record: only the newest can be torn, as the writer syncs
-/// a segment before it starts the next.
+/// calling `keep` on each record's id to decide whether its encoded record is kept.
+///
+/// A complete record (its header intact and its length within the file) whose CRC does not
+/// match, followed by a valid record, is damaged on disk: it is reported in [`Scan::damaged`]
+/// and stepped over, so the records after it still count. Anything else that is not a record
+/// (a torn or damaged record at the end) ends the segment: only the newest can end so, in a
+/// write cut short, since the writer syncs a segment before it starts the next. A header is trusted for its lengths only: the scan never searches the bytes
+/// for a record, so a body that holds the bytes of a record is never taken for one.
 pub(super) fn scan(dir: &Path, from: u64, keep: impl Fn(u64) -> bool) -> io::Result<Scan> {
     let segments = list_segments(dir)?;
     let mut records = Vec::new();
     let mut skipped_bytes = 0;
+    let mut damaged = Vec::new();
     let mut end = Position {
         segment: from.max(segments.first().copied().unwrap_or(1)),
         offset: 0,
     };
     for &segment in segments.iter().filter(|s| **s >= from) {
-        let file = File::open(segment_path(dir, segment))?;
-        let len = file.metadata()?.len();
-        let mut reader = io::BufReader::with_capacity(1 << 20, file);
+        let bytes = fs::read(segment_path(dir, segment))?;
+        let len = bytes.len() as u64;
         let mut offset = 0_u64;
-        let mut body = vec![0; 64 * 1024];
-        loop {
-            let mut header = [0; HEADER_BYTES as usize];
-            if offset + HEADER_BYTES > len || reader.read_exact(&mut header).is_err() {
-                break;
-            }
-            let Some(fields) = parse_header(&header) else {
+        let mut valid_end = 0_u64;
+        let damaged_before = damaged.len();
+        while let Some(header) = bytes
+            .get(offset as usize..)
+            .and_then(|rest| rest.get(..HEADER_BYTES as usize))
+            .and_then(|h| <&[u8; HEADER_BYTES as usize]>::try_from(h).ok())
+        {
+            let Some(fields) = parse_header(header) else {
                 break;
             };
             let total = HEADER_BYTES
@@ -492,52 +519,59 @@ pub(super) fn scan(dir: &Path, from: u64, keep: impl Fn(u64) -> bool) -> io::Res
             if offset.saturating_add(total) > len {
                 break;
             }
-            let mut meta = vec![0; fields.meta_len as usize];
-            if reader.read_exact(&mut meta).is_err() {
-                break;
-            }
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&header[8..]);
-            crc.update(&meta);
-            let mut left = fields.body_len;
-            let mut ok = true;
-            while left > 0 {
-                let chunk = left.min(body.len() as u64) as usize;
-                if reader.read_exact(&mut body[..chunk]).is_err() {
-                    ok = false;
-                    break;
-                }
-                crc.update(&body[..chunk]);
-                left -= chunk as u64;
-            }
-            if !ok || crc.finalize() != fields.crc {
-                break;
-            }
+            let start = (offset + HEADER_BYTES) as usize;
+            let rest = &bytes[start..(offset + total) as usize];
             let at = Position { segment, offset };
+            offset += total;
+            if record_crc(header, rest) != fields.crc {
+                damaged.push(at);
+                continue;
+            }
+            valid_end = offset;
             if keep(fields.id) {
                 records.push(Scanned {
                     at,
                     id: fields.id,
-                    meta,
+                    meta: rest[..fields.meta_len as usize].to_vec(),
                 });
             }
-            offset += total;
         }
-        skipped_bytes += len - offset;
-        end = Position { segment, offset };
+        // Damaged records with no valid one after them are a write cut short (its length
+        // reached the disk, not all its bytes): a torn tail, not damage.
+        while damaged.len() > damaged_before
+            && damaged.last().is_some_and(|d| d.offset >= valid_end)
+        {
+            damaged.pop();
+        }
+        skipped_bytes += len - valid_end;
+        end = Position {
+            segment,
+            offset: valid_end,
+        };
     }
     Ok(Scan {
         records,
         end,
         skipped_bytes,
+        damaged,
     })
 }
 
 /// Copies what follows `end` in its segment to `{segment}.tail-{offset}` (both hex) next to it,
 /// synced, before the segment is cut there.
 fn keep_tail(dir: &Path, file: &File, end: Position) -> io::Result<()> {
-    let path = dir.join(format!("{:016x}.tail-{:x}", end.segment, end.offset));
-    let mut tail = File::create(&path)?;
+    let name = format!("{:016x}.tail-{:x}", end.segment, end.offset);
+    // An earlier tail kept at the same place (a second crash there) is not overwritten.
+    let mut path = dir.join(&name);
+    let mut n = 1;
+    while path.exists() {
+        path = dir.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    let mut tail = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
     let mut from = file.try_clone()?;
     io::Seek::seek(&mut from, io::SeekFrom::Start(end.offset))?;
     io::copy(&mut from, &mut tail)?;
@@ -578,6 +612,71 @@ mod tests {
         assert_eq!(scan.records[1].meta, b"meta-b");
         assert_eq!(scan.end, log.position());
         assert_eq!(scan.skipped_bytes, 0);
+    }
+
+    /// A log in `dir` starting at segment 1.
+    fn new_log(dir: &Path) -> SegmentLog {
+        SegmentLog::open(
+            dir,
+            Position {
+                segment: 1,
+                offset: 0,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_damaged_record_is_stepped_over_by_the_scan_and_refused_by_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = new_log(dir.path());
+        let a = log.append(1, b"meta-a", b"body a").unwrap();
+        let b = log.append(2, b"meta-b", b"body b, to be damaged").unwrap();
+        let c = log.append(3, b"meta-c", b"body c").unwrap();
+        log.sync().unwrap();
+        let end = log.position();
+        drop(log);
+        // One flipped bit in the middle record's body.
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let at = (b.offset + HEADER_BYTES + 6 + 3) as usize;
+        bytes[at] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+
+        let scan = scan(dir.path(), 1, all).unwrap();
+        let ids: Vec<u64> = scan.records.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 3], "the records after the damaged one still count");
+        assert_eq!(scan.damaged, [b]);
+        assert_eq!(scan.end, end);
+        assert_eq!(scan.skipped_bytes, 0);
+        let reader = SegmentReader::new(dir.path());
+        assert_eq!(&reader.body(a, 1).unwrap()[..], b"body a");
+        assert_eq!(&reader.body(c, 3).unwrap()[..], b"body c");
+        match reader.body(b, 2) {
+            Err(ReadError::Mismatch(reason)) => assert!(reason.contains("CRC"), "{reason}"),
+            other => panic!("expected a CRC mismatch, got {other:?}"),
+        }
+        // Opening the log keeps the file whole: the damage is in the middle, not a torn tail.
+        drop(SegmentLog::open(dir.path(), scan.end).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_second_torn_tail_at_the_same_place_does_not_replace_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = Position {
+            segment: 1,
+            offset: 0,
+        };
+        for junk in [&b"first junk"[..], b"second"] {
+            fs::write(segment_path(dir.path(), 1), junk).unwrap();
+            let scan = scan(dir.path(), 1, all).unwrap();
+            assert_eq!(scan.end, at);
+            drop(SegmentLog::open(dir.path(), scan.end).unwrap());
+        }
+        let tail = |name: &str| fs::read(dir.path().join(name)).unwrap();
+        assert_eq!(tail("0000000000000001.tail-0"), b"first junk");
+        assert_eq!(tail("0000000000000001.tail-0.1"), b"second");
     }
 
     #[test]
