@@ -387,9 +387,19 @@ async fn start_with_clock(
     ca: PathBuf,
     clock: callback_receiver::state::Clock,
 ) -> TestApp {
-    let app = Application::build_with_clock(config.clone(), clock)
-        .await
-        .expect("Application::build");
+    // After an i/o error the store closes its broken database on a thread of its own; until
+    // that thread is done, sled's lock keeps a restart in the same process out for a moment.
+    let mut attempts = 0;
+    let app = loop {
+        match Application::build_with_clock(config.clone(), clock.clone()).await {
+            Ok(app) => break app,
+            Err(e) if attempts < 50 && format!("{e:#}").contains("acquire lock") => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("Application::build: {e:#}"),
+        }
+    };
     let addr = app.local_addr();
     let state = app.state();
     let (tx, rx) = oneshot::channel::<()>();
