@@ -1,5 +1,5 @@
 //! Durability and shutdown: concurrent callbacks survive a restart; a request in flight at
-//! shutdown completes and is stored.
+//! shutdown completes and is stored; a body damaged on disk is refused, not served.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,4 +118,62 @@ async fn a_request_in_flight_at_shutdown_completes_and_is_stored() {
 
     let app = stopped.restart().await;
     assert_served_raw(&app, "in-flight", &body).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_damaged_on_disk_is_refused_and_the_others_are_served() {
+    let app = spawn_app().await;
+    let auth = basic(USER, PASSWORD);
+    let names = ["damage-a", "damage-b", "damage-c"];
+    let bodies: Vec<Bytes> = names
+        .iter()
+        .map(|c| response_doc(c, &format!("the body of {c}")))
+        .collect();
+    let mut conn = app.client.h1().await;
+    for body in &bodies {
+        let answer = conn
+            .request(
+                Method::POST,
+                "/callback/hello-world",
+                headers(&[("authorization", &auth), ("content-type", "text/xml")]),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    drop(conn);
+    let stopped = app.stop().await;
+
+    // A disk fault: one byte of the middle body changes in the body log.
+    let segment = stopped.dir.path().join("data/bodies/0000000000000001.seg");
+    let mut bytes = std::fs::read(&segment).expect("the body log");
+    let needle = b"the body of damage-b";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the body is in the log");
+    bytes[at + 4] ^= 0x20;
+    std::fs::write(&segment, &bytes).expect("write");
+
+    let app = stopped.restart().await;
+    assert_served_raw(&app, "damage-a", &bodies[0]).await;
+    assert_served_raw(&app, "damage-c", &bodies[2]).await;
+    let got = app
+        .get_response("damage-b", Some(crate::helpers::TOKEN_ALL), false)
+        .await;
+    assert_eq!(
+        got.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        got.text()
+    );
+    assert!(got.text().contains("CRC"), "{}", got.text());
+    assert!(
+        !got.text().contains("<response"),
+        "no part of the damaged body is served: {}",
+        got.text()
+    );
+    // The summary (from the record, not the body) is still there.
+    let v = crate::callbacks::summary(&app, "damage-b").await;
+    assert_eq!(v["deliveries"], serde_json::json!(1), "{v}");
 }
