@@ -1248,7 +1248,8 @@ impl Writer {
     }
 
     /// The id of a stored delivery with the same bytes for the same controlid (or, unmatched,
-    /// the same policy). Sees writes of the current group, which are applied but not yet flushed.
+    /// the same policy) whose body reads back. Sees writes of the current group, which are
+    /// applied but not yet flushed.
     fn find_duplicate(&self, delivery: &NewDelivery) -> Result<Option<u64>, StoreError> {
         let candidate = match &delivery.extracted.controlid {
             Some(controlid) => {
@@ -1273,17 +1274,27 @@ impl Writer {
                 .map_err(sled_error)?
                 .and_then(|value| be_u64(&value)),
         };
-        match candidate {
-            // An index entry whose record is gone must not swallow a new delivery.
-            Some(id)
-                if self
-                    .db()?
-                    .contains_key(id_key(META, id))
-                    .map_err(sled_error)? =>
-            {
-                Ok(Some(id))
+        let Some(id) = candidate else {
+            return Ok(None);
+        };
+        // An index entry whose record is gone must not swallow a new delivery, nor one whose
+        // body cannot be read back: a record sled stored whose log bytes a crash cut short or
+        // damaged was never acknowledged, and its retry must be stored.
+        let Some(raw) = self.db()?.get(id_key(META, id)).map_err(sled_error)? else {
+            return Ok(None);
+        };
+        match read_body_of(self.db()?, &self.segments, id, &raw) {
+            Ok(Some(_)) => Ok(Some(id)),
+            Ok(None) => Ok(None),
+            Err(StoreError::Corrupt { key, reason }) => {
+                tracing::warn!(
+                    key = %key,
+                    reason = %reason,
+                    "the stored copy of a callback sent again cannot be read; storing the new one"
+                );
+                Ok(None)
             }
-            _ => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

@@ -176,4 +176,22 @@ async fn a_body_damaged_on_disk_is_refused_and_the_others_are_served() {
     // The summary (from the record, not the body) is still there.
     let v = crate::callbacks::summary(&app, "damage-b").await;
     assert_eq!(v["deliveries"], serde_json::json!(1), "{v}");
+
+    // The gateway's retry of the same bytes is stored anew, not taken for a duplicate of the
+    // copy that cannot be read, and is what is served from then on.
+    let mut conn = app.client.h1().await;
+    let answer = conn
+        .request(
+            Method::POST,
+            "/callback/hello-world",
+            headers(&[("authorization", &auth), ("content-type", "text/xml")]),
+            bodies[1].clone(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let ack: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(ack["duplicate"], serde_json::json!(false), "{ack}");
+    assert_served_raw(&app, "damage-b", &bodies[1]).await;
+    let v = crate::callbacks::summary(&app, "damage-b").await;
+    assert_eq!(v["deliveries"], serde_json::json!(2), "{v}");
 }
