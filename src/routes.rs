@@ -88,6 +88,10 @@ pub enum ApiError {
     /// Too many requests are waiting already.
     #[error("too many requests are waiting; retry shortly")]
     Busy,
+    /// A stored body no longer reads back as it was written (damaged on disk): retrying does
+    /// not help.
+    #[error("stored body damaged: {0}")]
+    Damaged(String),
     /// The client address failed to authenticate too often (see [`crate::ratelimit`]).
     #[error("too many failed authentications from this address; retry in {retry_after} s")]
     TooManyRequests {
@@ -117,6 +121,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Damaged(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -817,11 +822,11 @@ async fn delivery_response(
     let mut response = if json {
         json_response(StatusCode::OK, &Summary::new(record, deliveries))
     } else {
-        let body = state
-            .store
-            .body_of(record)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        let body = match state.store.body_of(record).await {
+            Ok(body) => body.ok_or(ApiError::NotFound)?,
+            Err(StoreError::Corrupt { reason, .. }) => return Err(ApiError::Damaged(reason)),
+            Err(e) => return Err(e.into()),
+        };
         let mut r = Response::new(Full::new(body));
         r.headers_mut().insert(
             header::CONTENT_TYPE,

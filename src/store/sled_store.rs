@@ -1251,9 +1251,9 @@ impl Writer {
     /// the same policy) whose body reads back. Sees writes of the current group, which are
     /// applied but not yet flushed.
     fn find_duplicate(&self, delivery: &NewDelivery) -> Result<Option<u64>, StoreError> {
-        let candidate = match &delivery.extracted.controlid {
+        let candidates: Vec<u64> = match &delivery.extracted.controlid {
             Some(controlid) => {
-                let mut found = None;
+                let mut found = Vec::new();
                 for entry in self.db()?.scan_prefix(controlid_prefix(controlid)) {
                     let (key, value) = entry.map_err(sled_error)?;
                     let Some(id) = id_suffix(&key) else { continue };
@@ -1261,41 +1261,41 @@ impl Writer {
                         // The same bytes posted to another policy are a delivery of their own:
                         // a poller scoped to that policy must see them.
                         if index.sha256 == delivery.sha256 && index.policy == delivery.policy {
-                            found = Some(id);
-                            break;
+                            found.push(id);
                         }
                     }
                 }
                 found
             }
+            // The entry points at the newest copy (a new one replaces it).
             None => self
                 .db()?
                 .get(unmatched_key(&delivery.policy, &delivery.sha256))
                 .map_err(sled_error)?
-                .and_then(|value| be_u64(&value)),
-        };
-        let Some(id) = candidate else {
-            return Ok(None);
+                .and_then(|value| be_u64(&value))
+                .into_iter()
+                .collect(),
         };
         // An index entry whose record is gone must not swallow a new delivery, nor one whose
         // body cannot be read back: a record sled stored whose log bytes a crash cut short or
-        // damaged was never acknowledged, and its retry must be stored.
-        let Some(raw) = self.db()?.get(id_key(META, id)).map_err(sled_error)? else {
-            return Ok(None);
-        };
-        match read_body_of(self.db()?, &self.segments, id, &raw) {
-            Ok(Some(_)) => Ok(Some(id)),
-            Ok(None) => Ok(None),
-            Err(StoreError::Corrupt { key, reason }) => {
-                tracing::warn!(
+        // damaged was never acknowledged, and its retry must be stored. A later copy that reads
+        // back (such a retry) is the duplicate.
+        for id in candidates {
+            let Some(raw) = self.db()?.get(id_key(META, id)).map_err(sled_error)? else {
+                continue;
+            };
+            match read_body_of(self.db()?, &self.segments, id, &raw) {
+                Ok(Some(_)) => return Ok(Some(id)),
+                Ok(None) => {}
+                Err(StoreError::Corrupt { key, reason }) => tracing::warn!(
                     key = %key,
                     reason = %reason,
-                    "the stored copy of a callback sent again cannot be read; storing the new one"
-                );
-                Ok(None)
+                    "a stored copy of a callback sent again cannot be read"
+                ),
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        Ok(None)
     }
 
     /// Applies a batch that removes `resolved`, keeping them visible to readers until the next
@@ -1811,7 +1811,8 @@ fn open_log(
     if scan.skipped_bytes > 0 {
         tracing::warn!(
             bytes = scan.skipped_bytes,
-            "the body log ended in an incomplete record (a write cut short by a crash, never acknowledged); it is cut off and kept in bodies/*.tail-*"
+            kept_as = format!("{BODIES_DIR}/{:016x}.tail-{:x}", scan.end.segment, scan.end.offset),
+            "the body log ended in an incomplete record (normally a write cut short by a crash, never acknowledged; a disk fault otherwise); it is cut off and its bytes kept"
         );
     }
     if let Some(first) = scan.damaged.first() {
@@ -1869,7 +1870,7 @@ fn remove_orphans(
     db.flush().map_err(sled_error)?;
     tracing::warn!(
         deliveries = removed,
-        "removed deliveries whose bodies the body log lost in a crash before they were acknowledged; the gateway sends them again"
+        "removed deliveries whose bodies are no longer in the body log (normally lost in a crash before they were acknowledged, and sent again by the gateway)"
     );
     Ok(deliveries)
 }

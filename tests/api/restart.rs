@@ -1,5 +1,5 @@
 //! Durability and shutdown: concurrent callbacks survive a restart; a request in flight at
-//! shutdown completes and is stored; a body damaged on disk is refused, not served.
+//! shutdown completes and is stored; a body damaged on disk is refused (500), not served.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,10 +163,11 @@ async fn a_body_damaged_on_disk_is_refused_and_the_others_are_served() {
         .await;
     assert_eq!(
         got.status,
-        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::INTERNAL_SERVER_ERROR,
         "{}",
         got.text()
     );
+    assert_eq!(got.header("retry-after"), None, "retrying does not help");
     assert!(got.text().contains("CRC"), "{}", got.text());
     assert!(
         !got.text().contains("<response"),
@@ -192,6 +193,20 @@ async fn a_body_damaged_on_disk_is_refused_and_the_others_are_served() {
     let ack: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
     assert_eq!(ack["duplicate"], serde_json::json!(false), "{ack}");
     assert_served_raw(&app, "damage-b", &bodies[1]).await;
+    let v = crate::callbacks::summary(&app, "damage-b").await;
+    assert_eq!(v["deliveries"], serde_json::json!(2), "{v}");
+    // Once a copy reads back, the next retry is a duplicate of it again.
+    let answer = conn
+        .request(
+            Method::POST,
+            "/callback/hello-world",
+            headers(&[("authorization", &auth), ("content-type", "text/xml")]),
+            bodies[1].clone(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let ack: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(ack["duplicate"], serde_json::json!(true), "{ack}");
     let v = crate::callbacks::summary(&app, "damage-b").await;
     assert_eq!(v["deliveries"], serde_json::json!(2), "{v}");
 }

@@ -590,14 +590,7 @@ mod tests {
     #[test]
     fn appended_records_read_back_and_scan_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = SegmentLog::open(
-            dir.path(),
-            Position {
-                segment: 1,
-                offset: 0,
-            },
-        )
-        .unwrap();
+        let mut log = new_log(dir.path());
         let a = log.append(1, b"meta-a", b"body a").unwrap();
         let big = vec![7u8; BUFFER_BYTES + 3];
         let b = log.append(2, b"meta-b", &big).unwrap();
@@ -612,6 +605,16 @@ mod tests {
         assert_eq!(scan.records[1].meta, b"meta-b");
         assert_eq!(scan.end, log.position());
         assert_eq!(scan.skipped_bytes, 0);
+    }
+
+    /// The ids of every valid record of the log in `dir`, in log order.
+    fn scanned_ids(dir: &Path) -> Vec<u64> {
+        scan(dir, 1, all)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.id)
+            .collect()
     }
 
     /// A log in `dir` starting at segment 1.
@@ -682,14 +685,7 @@ mod tests {
     #[test]
     fn a_torn_tail_ends_the_scan_and_is_cut_off_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = SegmentLog::open(
-            dir.path(),
-            Position {
-                segment: 1,
-                offset: 0,
-            },
-        )
-        .unwrap();
+        let mut log = new_log(dir.path());
         log.append(1, b"m", b"first").unwrap();
         let second = log.append(2, b"m", b"second").unwrap();
         log.sync().unwrap();
@@ -711,26 +707,14 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().len(), second.offset);
         log.append(3, b"m", b"third").unwrap();
         log.sync().unwrap();
-        let ids: Vec<u64> = scan(dir.path(), 1, all)
-            .unwrap()
-            .records
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let ids = scanned_ids(dir.path());
         assert_eq!(ids, [1, 3]);
     }
 
     #[test]
     fn segments_rotate_roll_back_and_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = SegmentLog::open(
-            dir.path(),
-            Position {
-                segment: 1,
-                offset: 0,
-            },
-        )
-        .unwrap();
+        let mut log = new_log(dir.path());
         let body = vec![1u8; (SEGMENT_BYTES / 2) as usize];
         log.append(1, b"m", &body).unwrap();
         log.sync().unwrap();
@@ -745,12 +729,7 @@ mod tests {
         log.append(4, b"m", &body).unwrap();
         log.sync().unwrap();
         assert_eq!(list_segments(dir.path()).unwrap(), [1, 2]);
-        let ids: Vec<u64> = scan(dir.path(), 1, all)
-            .unwrap()
-            .records
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let ids = scanned_ids(dir.path());
         assert_eq!(ids, [1, 4]);
         let reader = SegmentReader::new(dir.path());
         assert_eq!(log.remove_below(2, &reader).unwrap(), 1);
