@@ -325,8 +325,13 @@ impl Config {
             path: path.to_path_buf(),
             reason: io_reason(&e),
         })?;
-        let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::from_toml(&text, &path.display().to_string(), base)
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // Absolute, so that what `check-config` and the start-up log print is unambiguous.
+        let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+        Self::from_toml(&text, &path.display().to_string(), &base)
     }
 
     /// Parses and validates configuration text; relative paths are taken from `base_dir`.
