@@ -89,6 +89,7 @@ impl Application {
         let data_dir = config.data_dir.clone();
         let options = SledOptions {
             reserve_bytes: config.min_free_disk_bytes,
+            read_cache_bytes: usize::try_from(config.read_cache_bytes).unwrap_or(usize::MAX),
             ..SledOptions::default()
         };
         let store = tokio::task::spawn_blocking(move || SledStore::open(&data_dir, options))

@@ -36,6 +36,8 @@ pub struct Config {
     pub min_free_disk_bytes: u64,
     /// Deliveries older than this are purged.
     pub retention_days: u32,
+    /// Memory for the cache of raw `GET` answers, in bytes (0: off).
+    pub read_cache_bytes: u64,
     /// How often the retention purge runs.
     pub purge_interval: Duration,
     /// Certificate and key files.
@@ -213,6 +215,7 @@ mod raw {
         pub max_body_bytes: Option<Spanned<i64>>,
         pub min_free_disk_bytes: Option<Spanned<i64>>,
         pub retention_days: Option<Spanned<i64>>,
+        pub read_cache_mb: Option<Spanned<i64>>,
         pub purge_interval_seconds: Option<Spanned<i64>>,
         pub header_timeout_seconds: Option<Spanned<i64>>,
         pub handshake_timeout_seconds: Option<Spanned<i64>>,
@@ -295,6 +298,23 @@ impl Ctx<'_> {
 
     fn at<T>(&self, value: &Spanned<T>, key: &str, message: &str) -> ConfigError {
         self.invalid(Some(value.span()), key, message)
+    }
+
+    /// Like [`positive`](Self::positive), but 0 is allowed too.
+    fn at_most(
+        &self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        default: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => u64::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| self.at(v, key, &format!("must be between 0 and {max}"))),
+        }
     }
 
     fn positive(
@@ -472,6 +492,7 @@ impl Config {
         )?;
         let retention_days =
             ctx.positive(&file.retention_days, "retention_days", 30, 36_500)? as u32;
+        let read_cache_bytes = ctx.at_most(&file.read_cache_mb, "read_cache_mb", 64, 65_536)? << 20;
         let purge_interval = Duration::from_secs(ctx.positive(
             &file.purge_interval_seconds,
             "purge_interval_seconds",
@@ -489,6 +510,7 @@ impl Config {
             max_body_bytes,
             min_free_disk_bytes,
             retention_days,
+            read_cache_bytes,
             purge_interval,
             tls: TlsFiles {
                 cert: resolve(&file.tls.cert),
@@ -787,6 +809,7 @@ pub fn dev_profile(root: &Path) -> Result<(Config, DevSecrets), ConfigError> {
         max_body_bytes: 64 * 1024 * 1024,
         min_free_disk_bytes: crate::store::DEFAULT_RESERVE_BYTES,
         retention_days: 30,
+        read_cache_bytes: 64 << 20,
         purge_interval: Duration::from_secs(3600),
         tls: TlsFiles {
             cert: cert_paths.cert.clone(),
@@ -946,5 +969,24 @@ key = "key.pem"
             .expect_err("bad")
             .to_string();
         assert!(err.contains("t.toml:2: listen"), "{err}");
+    }
+
+    #[test]
+    fn read_cache_mb_may_be_zero_and_has_a_range() {
+        let top =
+            |extra: &str| Config::from_toml(&format!("{extra}{BASE}"), "test.toml", Path::new("/"));
+        assert_eq!(top("").expect("default").read_cache_bytes, 64 << 20);
+        assert_eq!(top("read_cache_mb = 0\n").expect("off").read_cache_bytes, 0);
+        assert_eq!(
+            top("read_cache_mb = 8\n").expect("8").read_cache_bytes,
+            8 << 20
+        );
+        for bad in ["-1", "65537"] {
+            let err = top(&format!("read_cache_mb = {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("test.toml:1: read_cache_mb"), "{err}");
+            assert!(err.contains("between 0 and 65536"), "{err}");
+        }
     }
 }

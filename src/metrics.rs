@@ -469,6 +469,26 @@ impl Metrics {
                 flush.requests as f64,
             );
         }
+        if let Some(cache) = &store.read_cache {
+            let name = "callback_receiver_read_cache_lookups_total";
+            out.family(
+                name,
+                "counter",
+                "Raw GETs of a response by result: hit (answered from memory) or miss (read from the store).",
+            );
+            out.sample(name, &[("result", "hit")], cache.hits as f64);
+            out.sample(name, &[("result", "miss")], cache.misses as f64);
+            let name = "callback_receiver_read_cache_bytes";
+            out.family(
+                name,
+                "gauge",
+                "Memory the raw GET cache holds (bodies, names, bookkeeping); at most read_cache_mb.",
+            );
+            out.sample(name, &[], cache.bytes as f64);
+            let name = "callback_receiver_read_cache_entries";
+            out.family(name, "gauge", "Controlids the raw GET cache holds.");
+            out.sample(name, &[], cache.entries as f64);
+        }
 
         out.family(
             "callback_receiver_config_reloads_total",

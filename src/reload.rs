@@ -176,6 +176,10 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             running.retention_days != new.retention_days,
         ),
         (
+            "read_cache_mb",
+            running.read_cache_bytes != new.read_cache_bytes,
+        ),
+        (
             "purge_interval_seconds",
             running.purge_interval != new.purge_interval,
         ),
@@ -277,6 +281,8 @@ mod tests {
             needs_restart(&running, &reserve),
             vec!["min_free_disk_bytes"]
         );
+        let cache = config("read_cache_mb = 1");
+        assert_eq!(needs_restart(&running, &cache), vec!["read_cache_mb"]);
         let policies = config("[[policy]]\nid = \"p\"\n");
         assert!(needs_restart(&running, &policies).is_empty());
     }

@@ -727,8 +727,8 @@ async fn get_response(
     let wait = wait_param(state, &query_params(req)?)?;
     // What is already there is answered at once, without taking a waiting slot or reading the
     // expectation (which only matters for what is not there yet: see the loop).
-    if let Some(latest) = state.store.latest(&controlid, &poller.scope).await? {
-        return delivery_response(state, &latest.record, latest.deliveries, req).await;
+    if let Some(response) = answer_latest(state, &controlid, &poller.scope, req).await? {
+        return Ok(response);
     }
     let _slot = match wait {
         Some(_) => Some(state.waiters.slot().ok_or_else(busy)?),
@@ -751,8 +751,8 @@ async fn get_response(
         } else {
             None
         };
-        if let Some(latest) = state.store.latest(&controlid, &poller.scope).await? {
-            return delivery_response(state, &latest.record, latest.deliveries, req).await;
+        if let Some(response) = answer_latest(state, &controlid, &poller.scope, req).await? {
+            return Ok(response);
         }
         if over {
             return match pending {
@@ -788,6 +788,35 @@ fn pending_json(state: &AppState, e: &crate::store::Expectation) -> serde_json::
     })
 }
 
+/// The answer for the newest delivery of `controlid`, if there is one: the JSON summary, or the
+/// raw bytes read without decoding the record (the common `GET`, kept cheap).
+async fn answer_latest(
+    state: &AppState,
+    controlid: &str,
+    scope: &crate::store::Scope,
+    req: &Request<Incoming>,
+) -> Result<Option<HttpResponse>, ApiError> {
+    if wants_json(req.headers()) {
+        return match state.store.latest(controlid, scope).await? {
+            Some(latest) => delivery_response(state, &latest.record, latest.deliveries, req)
+                .await
+                .map(Some),
+            None => Ok(None),
+        };
+    }
+    match state.store.latest_body(controlid, scope).await {
+        Ok(Some(latest)) => Ok(Some(raw_response(
+            latest.id,
+            &latest.sha256,
+            latest.body,
+            req,
+        ))),
+        Ok(None) => Ok(None),
+        Err(StoreError::Corrupt { reason, .. }) => Err(ApiError::Damaged(reason)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Answers with one delivery: raw bytes (with `ETag`, `If-None-Match` honoured) or, on
 /// `Accept: application/json`, its summary.
 async fn delivery_response(
@@ -796,56 +825,83 @@ async fn delivery_response(
     deliveries: u32,
     req: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let etag = format!("\"{}\"", hex::encode(record.sha256));
-    let json = wants_json(req.headers());
-    if !json {
-        let not_modified = req
-            .headers()
-            .get(header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                // Weak comparison (RFC 9110, 13.1.2): `W/"x"` matches `"x"`.
-                v.split(',').any(|t| {
-                    let t = t.trim();
-                    t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
-                })
-            });
-        if not_modified {
-            let mut response = Response::new(Full::new(Bytes::new()));
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            if let Ok(v) = HeaderValue::from_str(&etag) {
-                response.headers_mut().insert(header::ETAG, v);
-            }
-            return Ok(response);
-        }
+    if wants_json(req.headers()) {
+        let mut response = json_response(StatusCode::OK, &Summary::new(record, deliveries));
+        delivery_headers(response.headers_mut(), record.id);
+        return Ok(response);
     }
-    let mut response = if json {
-        json_response(StatusCode::OK, &Summary::new(record, deliveries))
-    } else {
-        let body = match state.store.body_of(record).await {
-            Ok(body) => body.ok_or(ApiError::NotFound)?,
-            Err(StoreError::Corrupt { reason, .. }) => return Err(ApiError::Damaged(reason)),
-            Err(e) => return Err(e.into()),
-        };
-        let mut r = Response::new(Full::new(body));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/xml"),
-        );
-        r
+    let etag = etag_of(&record.sha256);
+    if let Some(response) = not_modified(req, &etag) {
+        return Ok(response);
+    }
+    let body = match state.store.body_of(record).await {
+        Ok(body) => body.ok_or(ApiError::NotFound)?,
+        Err(StoreError::Corrupt { reason, .. }) => return Err(ApiError::Damaged(reason)),
+        Err(e) => return Err(e.into()),
     };
-    let headers = response.headers_mut();
-    if !json {
-        if let Ok(v) = HeaderValue::from_str(&etag) {
-            headers.insert(header::ETAG, v);
-        }
+    Ok(raw_response(record.id, &record.sha256, body, req))
+}
+
+/// The raw answer with its `ETag`, or a `304` when the request names that `ETag`.
+fn raw_response(
+    id: crate::store::DeliveryId,
+    sha256: &[u8; 32],
+    body: Bytes,
+    req: &Request<Incoming>,
+) -> HttpResponse {
+    let etag = etag_of(sha256);
+    if let Some(response) = not_modified(req, &etag) {
+        return response;
     }
-    if let Ok(v) = HeaderValue::from_str(&record.id.to_string()) {
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/xml"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, v);
+    }
+    delivery_headers(headers, id);
+    response
+}
+
+/// The strong `ETag` of a body: its SHA-256 in hex, quoted.
+fn etag_of(sha256: &[u8; 32]) -> String {
+    format!("\"{}\"", hex::encode(sha256))
+}
+
+/// A `304` when the request's `If-None-Match` names `etag` (or `*`).
+fn not_modified(req: &Request<Incoming>, etag: &str) -> Option<HttpResponse> {
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            // Weak comparison (RFC 9110, 13.1.2): `W/"x"` matches `"x"`.
+            v.split(',').any(|t| {
+                let t = t.trim();
+                t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
+            })
+        });
+    if !matches {
+        return None;
+    }
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Some(response)
+}
+
+/// The headers of every answer that carries a delivery.
+fn delivery_headers(headers: &mut http::HeaderMap, id: crate::store::DeliveryId) {
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
         headers.insert("x-delivery-id", v);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::VARY, HeaderValue::from_static("accept"));
-    Ok(response)
 }
 
 /// How many deliveries the controlid of `record` has within `scope` (1 when unmatched).

@@ -142,6 +142,17 @@ impl Scope {
     }
 }
 
+/// The newest visible delivery of a controlid with its body: what a raw `GET` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestBody {
+    /// Its id.
+    pub id: DeliveryId,
+    /// SHA-256 of the body (the `ETag`).
+    pub sha256: [u8; 32],
+    /// The raw body.
+    pub body: Bytes,
+}
+
 /// The newest visible delivery of a controlid, with how many visible deliveries it has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Latest {
@@ -198,6 +209,23 @@ pub struct StoreStats {
     pub size_on_disk_bytes: u64,
     /// Flush counters and latency histogram, when the backend has them.
     pub flush: Option<FlushStats>,
+    /// The raw `GET`'s memory cache, when the backend has one and it is on.
+    pub read_cache: Option<ReadCacheStats>,
+}
+
+/// What the memory cache of the raw `GET` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadCacheStats {
+    /// Raw `GET`s answered from it.
+    pub hits: u64,
+    /// Raw `GET`s that read the store.
+    pub misses: u64,
+    /// Bytes held now (bodies, names, bookkeeping).
+    pub bytes: u64,
+    /// Controlids held now.
+    pub entries: u64,
+    /// The most it holds (`read_cache_mb`).
+    pub capacity_bytes: u64,
 }
 
 /// Why the store could not do what was asked.
@@ -248,6 +276,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// The newest committed delivery of `controlid` within `scope`.
     async fn latest(&self, controlid: &str, scope: &Scope) -> Result<Option<Latest>, StoreError>;
+
+    /// The newest committed delivery of `controlid` within `scope` with its body, for a raw
+    /// `GET`. A backend may answer it without decoding the whole record; the default reads
+    /// [`latest`](Self::latest), then [`body_of`](Self::body_of). `None` also when the body
+    /// went (a purge) between the two.
+    async fn latest_body(
+        &self,
+        controlid: &str,
+        scope: &Scope,
+    ) -> Result<Option<LatestBody>, StoreError> {
+        let Some(latest) = self.latest(controlid, scope).await? else {
+            return Ok(None);
+        };
+        Ok(self.body_of(&latest.record).await?.map(|body| LatestBody {
+            id: latest.record.id,
+            sha256: latest.record.sha256,
+            body,
+        }))
+    }
 
     /// One committed delivery's record.
     async fn record(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError>;

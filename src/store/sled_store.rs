@@ -91,13 +91,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    DeliveryId, DeliveryRecord, ExpectOutcome, Expectation, Latest, NewDelivery, NewQuarantine,
-    PutOutcome, QuarantineRecord, Scope, Store, StoreError, StoreStats, NO_SPACE_MESSAGE,
+    DeliveryId, DeliveryRecord, ExpectOutcome, Expectation, Latest, LatestBody, NewDelivery,
+    NewQuarantine, PutOutcome, QuarantineRecord, Scope, Store, StoreError, StoreStats,
+    NO_SPACE_MESSAGE,
 };
 use crate::xml::Extracted;
+use read_cache::{Fill, ReadCache};
 use segments::{Position, SegmentLog, SegmentReader, BODIES_DIR};
 
 mod backup;
+mod read_cache;
 mod recovery;
 mod segments;
 
@@ -164,6 +167,9 @@ pub const FLUSH_BUCKETS: [f64; 12] = [
 pub struct SledOptions {
     /// sled's page cache size in bytes.
     pub cache_capacity_bytes: u64,
+    /// The memory cache of the raw `GET` (the newest small delivery of recently read
+    /// controlids), in bytes; 0 turns it off. See `read_cache.rs`.
+    pub read_cache_bytes: usize,
     /// The most write requests made durable by one flush.
     pub max_batch: usize,
     /// Free space the disk must keep after a write: below it, writes that add data are refused
@@ -176,11 +182,15 @@ impl Default for SledOptions {
     fn default() -> Self {
         SledOptions {
             cache_capacity_bytes: 128 * 1024 * 1024,
+            read_cache_bytes: DEFAULT_READ_CACHE_BYTES,
             max_batch: 256,
             reserve_bytes: DEFAULT_RESERVE_BYTES,
         }
     }
 }
+
+/// The default [`SledOptions::read_cache_bytes`]: 64 MiB.
+pub const DEFAULT_READ_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The default [`SledOptions::reserve_bytes`]: 64 MiB.
 pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
@@ -325,6 +335,8 @@ pub struct SledStore {
     committed: Arc<watch::Sender<DeliveryId>>,
     /// Counters shared with the writer.
     shared: Arc<Shared>,
+    /// The raw `GET`'s cache; the writer invalidates it.
+    cache: Arc<ReadCache>,
     /// Set by `close`; writes are refused from then on.
     closed: AtomicBool,
     /// Test hooks to hold the writer at chosen points.
@@ -373,6 +385,7 @@ impl SledStore {
         let segments = Arc::new(SegmentReader::new(&dir.join(BODIES_DIR)));
 
         let shared = Arc::new(Shared::default());
+        let cache = Arc::new(ReadCache::new(options.read_cache_bytes));
         shared.deliveries.store(deliveries, Ordering::Relaxed);
         shared.quarantined.store(quarantined, Ordering::Relaxed);
         let committed = Arc::new(watch::Sender::new(DeliveryId(next_id - 1)));
@@ -396,6 +409,7 @@ impl SledStore {
             quarantined,
             committed: Arc::clone(&committed),
             shared: Arc::clone(&shared),
+            cache: Arc::clone(&cache),
             log,
             segments: Arc::clone(&segments),
             sled_dirty: false,
@@ -422,6 +436,7 @@ impl SledStore {
             dir: dir.to_path_buf(),
             committed,
             shared,
+            cache,
             closed: AtomicBool::new(false),
             #[cfg(test)]
             hooks,
@@ -530,6 +545,57 @@ impl Store for SledStore {
 
     async fn latest(&self, controlid: &str, scope: &Scope) -> Result<Option<Latest>, StoreError> {
         self.read_now(|db, watermark| read_latest(db, watermark, controlid, scope))
+    }
+
+    /// From the read cache when it has the answer. Otherwise it reads the index entry and the
+    /// record's position, never decoding the record, then the body in one `pread` when it is
+    /// small (on the calling task, like the point reads), and keeps the answer in the cache.
+    async fn latest_body(
+        &self,
+        controlid: &str,
+        scope: &Scope,
+    ) -> Result<Option<LatestBody>, StoreError> {
+        if let Some(hit) = self.cache.get(controlid, scope) {
+            return Ok(Some(hit));
+        }
+        let generation = self.cache.generation();
+        let Some(head) =
+            self.read_now(|db, watermark| read_latest_head(db, watermark, controlid, scope))?
+        else {
+            return Ok(None);
+        };
+        let id = head.id;
+        let body = match head.at {
+            Some(at) => match self.segments.small_body(at, id, FIRST_READ_BYTES) {
+                Ok(Some(body)) => Some(body),
+                Ok(None) => {
+                    let segments = Arc::clone(&self.segments);
+                    self.read(move |_, _| segment_body(segments.body(at, id), id))
+                        .await?
+                }
+                Err(e) => segment_body(Err(e), id)?,
+            },
+            // Written before the body log: the body is a sled value.
+            None => self.body(DeliveryId(id)).await?,
+        };
+        let Some(body) = body else { return Ok(None) };
+        if head.newest {
+            self.cache.fill(
+                generation,
+                Fill {
+                    controlid,
+                    id,
+                    sha256: head.sha256,
+                    policy: &head.policy,
+                    body: &body,
+                },
+            );
+        }
+        Ok(Some(LatestBody {
+            id: DeliveryId(id),
+            sha256: head.sha256,
+            body,
+        }))
     }
 
     async fn record(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
@@ -685,6 +751,7 @@ impl Store for SledStore {
             quarantined: self.quarantine_count(),
             size_on_disk_bytes,
             flush: Some(self.flush_stats()),
+            read_cache: self.cache.stats(),
         }
     }
 
@@ -737,6 +804,8 @@ struct Writer {
     committed: Arc<watch::Sender<DeliveryId>>,
     /// Counters shared with the store handle.
     shared: Arc<Shared>,
+    /// The raw `GET`'s cache; the writer invalidates it.
+    cache: Arc<ReadCache>,
     /// The body log.
     log: SegmentLog,
     /// The readers of the body log (the writer closes a segment there before removing it).
@@ -784,6 +853,8 @@ impl Writer {
             return false;
         }
         self.broken = Some(now + RECOVERY_INTERVAL);
+        // The reopened store may hold less than the cache (orphans removed): start afresh.
+        self.cache.clear();
         if let Err(e) = probe_space(&self.dir) {
             tracing::warn!(error = %e, "the data directory still refuses writes; store not reopened");
             return false;
@@ -865,6 +936,7 @@ impl Writer {
             changed
         });
         self.shared.resolving().clear();
+        self.cache.clear();
         self.broken = None;
         tracing::warn!("store reopened after an i/o error; accepting writes again");
         true
@@ -970,6 +1042,10 @@ impl Writer {
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         let mut group_error: Option<String> = None;
         let mut run: Vec<(NewDelivery, Reply<PutOutcome>)> = Vec::new();
+        // What the read cache must forget once the group is applied and again once it is
+        // visible (see `read_cache.rs`).
+        let mut touched: Vec<String> = Vec::new();
+        let mut clear_cache = false;
         for request in group {
             // Consecutive puts go to the body log and into sled as one batch.
             if !matches!(request, Request::Put(..)) {
@@ -981,6 +1057,7 @@ impl Writer {
             }
             let answer = match request {
                 Request::Put(delivery, reply) => {
+                    touched.extend(delivery.extracted.controlid.iter().cloned());
                     run.push((*delivery, reply));
                     continue;
                 }
@@ -994,6 +1071,7 @@ impl Writer {
                     reply,
                 } => {
                     let result = self.apply(|w| w.delete(&controlid, &scope), &mut group_error);
+                    touched.push(controlid);
                     answer(reply, result)
                 }
                 Request::Expect(expectation, reply) => {
@@ -1015,6 +1093,8 @@ impl Writer {
                 } => {
                     self.purged = true;
                     let result = self.apply(|w| w.purge(cutoff_ms, batch), &mut group_error);
+                    // A purge that removed nothing (the usual case) leaves the cache alone.
+                    clear_cache |= !result.as_ref().is_ok_and(|step| step.removed == 0);
                     answer(reply, result)
                 }
                 Request::Probe(reply) => {
@@ -1029,6 +1109,12 @@ impl Writer {
         if !run.is_empty() {
             self.put_run(run, &mut answers, &mut group_error);
         }
+        let forget = |cache: &ReadCache| match clear_cache {
+            true => cache.clear(),
+            false if touched.is_empty() => {}
+            false => cache.invalidate(touched.iter().map(String::as_str)),
+        };
+        forget(&self.cache);
 
         #[cfg(test)]
         self.hooks.wait_before_flush();
@@ -1068,6 +1154,7 @@ impl Writer {
                 }
             }
         }
+        forget(&self.cache);
         for answer in answers {
             answer(group_error.as_deref());
         }
@@ -1961,6 +2048,51 @@ fn read_latest(
     Ok(None)
 }
 
+/// What [`read_latest_head`] finds: the newest visible delivery's id, SHA-256 and position.
+struct LatestHead {
+    id: u64,
+    sha256: [u8; 32],
+    /// `None` for a record written before the body log (its body is a sled value).
+    at: Option<Position>,
+    policy: String,
+    /// Whether it is the newest visible delivery of every policy, not only of the scope's.
+    newest: bool,
+}
+
+/// The newest delivery of `controlid` within `scope`, from its index entry and the position at
+/// the head of its record: no JSON decoded, no count of the others.
+fn read_latest_head(
+    db: &sled::Db,
+    watermark: u64,
+    controlid: &str,
+    scope: &Scope,
+) -> Result<Option<LatestHead>, StoreError> {
+    let mut newest = true;
+    for entry in db.scan_prefix(controlid_prefix(controlid)).rev() {
+        let (key, value) = entry.map_err(sled_error)?;
+        let Some(id) = id_suffix(&key) else { continue };
+        if id > watermark {
+            continue;
+        }
+        let Some(index) = ControlidEntry::parse(&value).filter(|i| scope.allows(i.policy)) else {
+            newest = false;
+            continue;
+        };
+        // A record deleted since the scan is skipped, as in `read_latest`.
+        if let Some(raw) = db.get(id_key(META, id)).map_err(sled_error)? {
+            return Ok(Some(LatestHead {
+                id,
+                sha256: index.sha256,
+                at: location(&raw),
+                policy: index.policy.to_owned(),
+                newest,
+            }));
+        }
+        newest = false;
+    }
+    Ok(None)
+}
+
 /// Reads and decodes one delivery record.
 fn read_record(db: &sled::Db, id: u64) -> Result<Option<DeliveryRecord>, StoreError> {
     match db.get(id_key(META, id)).map_err(sled_error)? {
@@ -2153,6 +2285,10 @@ fn count_prefix(db: &sled::Db, prefix: u8) -> Result<u64, StoreError> {
 
 /// The largest body [`SledStore::body_of`] reads on the calling task.
 const INLINE_BODY_BYTES: u64 = 64 * 1024;
+
+/// How much of a record [`SledStore::latest_body`] reads at once: header, encoded record and
+/// body of a typical response (a few KB) in one system call; a longer one takes a second read.
+const FIRST_READ_BYTES: usize = 8 * 1024;
 
 /// Maps a sled error.
 fn sled_error(e: sled::Error) -> StoreError {
@@ -2406,7 +2542,15 @@ fn read_body_of(
     let Some(at) = location(raw) else {
         return read_bytes(db, &id_key(BODY, id));
     };
-    match segments.body(at, id) {
+    segment_body(segments.body(at, id), id)
+}
+
+/// What reading the body of delivery `id` from the log means for the store.
+fn segment_body(
+    read: Result<Bytes, segments::ReadError>,
+    id: u64,
+) -> Result<Option<Bytes>, StoreError> {
+    match read {
         Ok(body) => Ok(Some(body)),
         // A purge removed the delivery and its segment after the record was read.
         Err(segments::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -2902,6 +3046,7 @@ mod tests {
     fn options() -> SledOptions {
         SledOptions {
             cache_capacity_bytes: 16 * 1024 * 1024,
+            read_cache_bytes: DEFAULT_READ_CACHE_BYTES,
             max_batch: 256,
             reserve_bytes: 1024 * 1024,
         }

@@ -801,6 +801,106 @@ async fn delete_acknowledges_within_scope() {
     assert_eq!(summary["deliveries"], Value::from(1), "{summary}");
 }
 
+/// The raw `GET`'s count of cache lookups with `result` (hit or miss), from `/metrics`.
+async fn cache_lookups(app: &Client, result: &str) -> Option<u64> {
+    let answer = app
+        .request(Method::GET, "/metrics", HeaderMap::new(), Bytes::new())
+        .await;
+    let series = format!("callback_receiver_read_cache_lookups_total{{result=\"{result}\"}} ");
+    answer
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()).map(str::to_owned))
+        .map(|n| n.parse().expect("a count"))
+}
+
+/// The raw `GET` answers from a memory cache after its first read; the answer must follow new
+/// deliveries, deletes (all, and a scoped poller's) and scope exactly as the store does, and the
+/// same with the cache off (`read_cache_mb = 0`).
+#[tokio::test]
+async fn the_raw_get_cache_follows_deliveries_deletes_and_scope() {
+    for cache_on in [true, false] {
+        let app = spawn_app_with(|c| {
+            if !cache_on {
+                c.read_cache_bytes = 0;
+            }
+        })
+        .await;
+        let path = response_path("cached-1");
+        let raw = |token: &'static str| {
+            let app = &app;
+            let path = path.clone();
+            async move { get(app, &path, token, false).await }
+        };
+        let first = response_doc("cached-1", "first");
+        let id1 = post(&app, POLICY, &first).await;
+        for _ in 0..3 {
+            let answer = raw(TOKEN_ALL).await;
+            assert_eq!(answer.status, StatusCode::OK, "cache {cache_on}");
+            assert_eq!(answer.body, first);
+            assert_eq!(answer.header("x-delivery-id"), Some(id1.as_str()));
+            let etag = format!("\"{}\"", sha256_hex(&first));
+            assert_eq!(answer.header("etag"), Some(etag.as_str()));
+        }
+        if cache_on {
+            // Normally one miss then two hits; a purge that removes something clears the cache.
+            let hits = cache_lookups(&app, "hit").await.expect("hits");
+            let misses = cache_lookups(&app, "miss").await.expect("misses");
+            assert!(
+                hits >= 1 && hits + misses == 3,
+                "{hits} hits, {misses} misses"
+            );
+        } else {
+            assert_eq!(cache_lookups(&app, "hit").await, None, "no family when off");
+        }
+        // A 304 from the cached answer.
+        let mut conditional = auth(TOKEN_ALL, false);
+        let etag = format!("\"{}\"", sha256_hex(&first));
+        conditional.insert("if-none-match", HeaderValue::from_str(&etag).expect("etag"));
+        let answer = app
+            .request(Method::GET, &path, conditional, Bytes::new())
+            .await;
+        assert_eq!(answer.status, StatusCode::NOT_MODIFIED);
+
+        // A newer delivery replaces the cached one at once.
+        let second = response_doc("cached-1", "second");
+        post(&app, POLICY, &second).await;
+        assert_eq!(raw(TOKEN_ALL).await.body, second, "cache {cache_on}");
+        // The scoped poller does not see the first policy's deliveries, cached or not.
+        assert_eq!(raw(TOKEN_SCOPED).await.status, StatusCode::NOT_FOUND);
+
+        // A delivery to the second policy is the newest for both pollers ...
+        let theirs = response_doc("cached-1", "second policy");
+        post(&app, SECOND_POLICY, &theirs).await;
+        assert_eq!(raw(TOKEN_ALL).await.body, theirs);
+        assert_eq!(raw(TOKEN_SCOPED).await.body, theirs);
+        // ... until the scoped poller deletes it: the other poller gets the older one back.
+        assert_eq!(
+            delete(&app, &path, TOKEN_SCOPED).await.status,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(raw(TOKEN_SCOPED).await.status, StatusCode::NOT_FOUND);
+        let answer = raw(TOKEN_ALL).await;
+        assert_eq!(
+            answer.body, second,
+            "cache {cache_on}: a deleted body was served"
+        );
+        assert_eq!(raw(TOKEN_ALL).await.body, second);
+
+        // Deleting everything: gone for good, and a new callback shows up again.
+        assert_eq!(
+            delete(&app, &path, TOKEN_ALL).await.status,
+            StatusCode::NO_CONTENT
+        );
+        for _ in 0..2 {
+            assert_eq!(raw(TOKEN_ALL).await.status, StatusCode::NOT_FOUND);
+        }
+        let third = response_doc("cached-1", "third");
+        post(&app, POLICY, &third).await;
+        assert_eq!(raw(TOKEN_ALL).await.body, third);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Expectations.
 

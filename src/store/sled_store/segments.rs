@@ -399,30 +399,86 @@ impl SegmentReader {
         let mut header = [0; HEADER_BYTES as usize];
         file.read_exact_at(&mut header, at.offset)
             .map_err(ReadError::Io)?;
-        let fields = parse_header(&header)
-            .filter(|h| h.id == id)
-            .ok_or_else(|| {
-                ReadError::Mismatch(format!(
-                    "segment {:016x} at {} does not hold delivery {id}",
-                    at.segment, at.offset
-                ))
-            })?;
-        let meta_len = fields.meta_len as usize;
-        let len = usize::try_from(fields.body_len)
-            .ok()
-            .and_then(|body| body.checked_add(meta_len))
-            .ok_or_else(|| ReadError::Mismatch(format!("body of {} bytes", fields.body_len)))?;
+        let (fields, len) = checked_header(&header, at, id)?;
         let mut record = vec![0; len];
         file.read_exact_at(&mut record, at.offset + HEADER_BYTES)
             .map_err(ReadError::Io)?;
-        if record_crc(&header, &record) != fields.crc {
-            return Err(ReadError::Mismatch(format!(
-                "the record of delivery {id} in segment {:016x} at {} is damaged (CRC mismatch)",
-                at.segment, at.offset
-            )));
-        }
-        Ok(Bytes::from(record).slice(meta_len..))
+        checked_body(&header, &fields, Bytes::from(record), at, id)
     }
+
+    /// Like [`body`](Self::body), in one read of at most [`HEADER_BYTES`] + `limit` bytes:
+    /// `None` when the record is longer, for the caller to read it with `body` (off the
+    /// calling task if it may be large). A typical `GET` then costs a single system call.
+    pub fn small_body(
+        &self,
+        at: Position,
+        id: u64,
+        limit: usize,
+    ) -> Result<Option<Bytes>, ReadError> {
+        let file = self.file(at.segment).map_err(ReadError::Io)?;
+        let mut buf = vec![0; HEADER_BYTES as usize + limit];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], at.offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+        let header: [u8; HEADER_BYTES as usize] = buf
+            .get(..HEADER_BYTES as usize)
+            .filter(|_| got >= HEADER_BYTES as usize)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| not_there(at, id))?;
+        let (fields, len) = checked_header(&header, at, id)?;
+        if len > got - HEADER_BYTES as usize {
+            return Ok(None);
+        }
+        let record = Bytes::from(buf).slice(HEADER_BYTES as usize..HEADER_BYTES as usize + len);
+        checked_body(&header, &fields, record, at, id).map(Some)
+    }
+}
+
+/// The error for a position that does not hold the record of `id`.
+fn not_there(at: Position, id: u64) -> ReadError {
+    ReadError::Mismatch(format!(
+        "segment {:016x} at {} does not hold delivery {id}",
+        at.segment, at.offset
+    ))
+}
+
+/// Decodes the header read at `at`, which must name `id`; with the length of meta and body.
+fn checked_header(
+    header: &[u8; HEADER_BYTES as usize],
+    at: Position,
+    id: u64,
+) -> Result<(Header, usize), ReadError> {
+    let fields = parse_header(header)
+        .filter(|h| h.id == id)
+        .ok_or_else(|| not_there(at, id))?;
+    let len = usize::try_from(fields.body_len)
+        .ok()
+        .and_then(|body| body.checked_add(fields.meta_len as usize))
+        .ok_or_else(|| ReadError::Mismatch(format!("body of {} bytes", fields.body_len)))?;
+    Ok((fields, len))
+}
+
+/// The body out of `record` (meta ‖ body) when the CRC matches.
+fn checked_body(
+    header: &[u8; HEADER_BYTES as usize],
+    fields: &Header,
+    record: Bytes,
+    at: Position,
+    id: u64,
+) -> Result<Bytes, ReadError> {
+    if record_crc(header, &record) != fields.crc {
+        return Err(ReadError::Mismatch(format!(
+            "the record of delivery {id} in segment {:016x} at {} is damaged (CRC mismatch)",
+            at.segment, at.offset
+        )));
+    }
+    Ok(record.slice(fields.meta_len as usize..))
 }
 
 /// The CRC of a record: over its header after the CRC field, then its meta and body.
