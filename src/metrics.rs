@@ -474,7 +474,7 @@ impl Metrics {
             out.family(
                 name,
                 "counter",
-                "Raw GETs of a response by result: hit (answered from memory) or miss (read from the store).",
+                "Raw GET or HEAD answers with a delivery (200 or 304), by where it came from: hit (the memory cache) or miss (the store).",
             );
             out.sample(name, &[("result", "hit")], cache.hits as f64);
             out.sample(name, &[("result", "miss")], cache.misses as f64);

@@ -250,7 +250,7 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let response = limited_dispatch(state.clone(), peer, req)
+    let response = limited_dispatch(state.clone(), peer, &path, req)
         .instrument(span.clone())
         .await;
     crate::ops::count_request(&state, &method, &path, response.status().as_u16());
@@ -276,15 +276,15 @@ pub async fn handle(
 async fn limited_dispatch(
     state: Arc<AppState>,
     peer: SocketAddr,
+    path: &str,
     req: Request<Incoming>,
 ) -> HttpResponse {
-    let path = req.uri().path().to_owned();
     let guarded = path.starts_with("/callback/") || path.starts_with("/v1/");
     if !guarded || !state.auth_limiter.enabled() {
-        return dispatch(state, req).await;
+        return dispatch(state, path, req).await;
     }
     let ip = peer.ip();
-    let target = limit_target(&state, &path);
+    let target = limit_target(&state, path);
     if let Some(wait) = state.auth_limiter.blocked(ip, &target) {
         tracing::warn!(%ip, path = %path, "request refused: too many failed authentications");
         let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -293,7 +293,7 @@ async fn limited_dispatch(
         }
         .into_response(path.starts_with("/v1/"));
     }
-    let response = dispatch(state.clone(), req).await;
+    let response = dispatch(state.clone(), path, req).await;
     if response.status() == StatusCode::UNAUTHORIZED {
         let failure = state.auth_limiter.record_failure(ip, target);
         let reason = response
@@ -327,12 +327,12 @@ fn limit_target(state: &AppState, path: &str) -> Target {
     }
 }
 
-async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> HttpResponse {
-    let path = req.uri().path().to_string();
+/// Routes one request; `path` is its URI's path.
+async fn dispatch(state: Arc<AppState>, path: &str, req: Request<Incoming>) -> HttpResponse {
     let method = req.method().clone();
     let is_get = method == Method::GET || method == Method::HEAD;
     let api = path.starts_with("/v1/");
-    let result = match route(&path) {
+    let result = match route(path) {
         Route::Callback(policy) if method == Method::POST => callback(&state, policy, req).await,
         Route::Callback(_) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
         Route::Feed if is_get => feed(&state, &req).await,
@@ -868,7 +868,10 @@ fn raw_response(
 
 /// The strong `ETag` of a body: its SHA-256 in hex, quoted.
 fn etag_of(sha256: &[u8; 32]) -> String {
-    format!("\"{}\"", hex::encode(sha256))
+    let mut etag = [b'"'; 66];
+    // Cannot fail: the slice holds exactly twice the bytes of the hash.
+    let _ = hex::encode_to_slice(sha256, &mut etag[1..65]);
+    String::from_utf8_lossy(&etag).into_owned()
 }
 
 /// A `304` when the request's `If-None-Match` names `etag` (or `*`).
@@ -895,10 +898,16 @@ fn not_modified(req: &Request<Incoming>, etag: &str) -> Option<HttpResponse> {
     Some(response)
 }
 
+/// The header naming the delivery an answer carries.
+const X_DELIVERY_ID: header::HeaderName = header::HeaderName::from_static("x-delivery-id");
+
 /// The headers of every answer that carries a delivery.
 fn delivery_headers(headers: &mut http::HeaderMap, id: crate::store::DeliveryId) {
-    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-        headers.insert("x-delivery-id", v);
+    let mut hex = [0; 16];
+    // Cannot fail: 8 bytes make 16 hex digits, the id's `Display` form.
+    let _ = hex::encode_to_slice(id.0.to_be_bytes(), &mut hex);
+    if let Ok(v) = HeaderValue::from_bytes(&hex) {
+        headers.insert(X_DELIVERY_ID, v);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::VARY, HeaderValue::from_static("accept"));

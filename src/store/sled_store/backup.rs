@@ -242,7 +242,7 @@ where
         batch: sled::Batch::default(),
         batch_items: 0,
         batch_bytes: 0,
-        log: segments::SegmentLog::open(&bodies, logged.end).map_err(io)?,
+        log: segments::SegmentLog::open(&bodies, logged.end, None).map_err(io)?,
     };
     for item in items {
         restorer.add(&item?)?;

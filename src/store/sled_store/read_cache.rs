@@ -105,12 +105,19 @@ impl ReadCache {
                     body: entry.body.clone(),
                 })
         };
-        let counter = match hit {
-            Some(_) => &self.hits,
-            None => &self.misses,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if hit.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         hit
+    }
+
+    /// Counts a delivery the caller had to read from the store after [`get`](Self::get)
+    /// missed (a lookup that finds nothing at all is not counted: a `GET` that ends `404` or
+    /// `202` looks twice).
+    pub fn count_miss(&self) {
+        if self.capacity > 0 {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counters and size, for `/metrics`; `None` when the cache is off.
