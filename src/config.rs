@@ -308,13 +308,7 @@ impl Ctx<'_> {
         default: u64,
         max: u64,
     ) -> Result<u64, ConfigError> {
-        match value {
-            None => Ok(default),
-            Some(v) => u64::try_from(*v.get_ref())
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| self.at(v, key, &format!("must be between 0 and {max}"))),
-        }
+        self.ranged(value, key, default, 0, max)
     }
 
     fn positive(
@@ -324,16 +318,24 @@ impl Ctx<'_> {
         default: u64,
         max: u64,
     ) -> Result<u64, ConfigError> {
+        self.ranged(value, key, default, 1, max)
+    }
+
+    /// `default` when absent, else the value when it is within `min..=max`.
+    fn ranged(
+        &self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
         match value {
             None => Ok(default),
-            Some(v) => {
-                let n = *v.get_ref();
-                if n < 1 || n as u64 > max {
-                    Err(self.at(v, key, &format!("must be between 1 and {max}")))
-                } else {
-                    Ok(n as u64)
-                }
-            }
+            Some(v) => u64::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| self.at(v, key, &format!("must be between {min} and {max}"))),
         }
     }
 }
