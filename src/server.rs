@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -100,14 +100,15 @@ pub async fn run(
 }
 
 /// The requests in flight on one connection, and since when it has had none.
+///
+/// Beginning and ending a request only touches these fields: the connection task does not wake
+/// for it. It looks at them when its idle timer fires, and sets the timer again from there.
 #[derive(Debug)]
 struct Activity {
     /// Requests whose handler has not returned yet.
     in_flight: AtomicUsize,
     /// When the last request in flight ended (or the connection began).
     idle_since: Mutex<Instant>,
-    /// Signalled when a request begins or ends (`notify_one`, so a change is never missed).
-    changed: Notify,
 }
 
 impl Activity {
@@ -115,14 +116,12 @@ impl Activity {
         Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
-            changed: Notify::new(),
         })
     }
 
     /// Counts a request as in flight until the returned guard is dropped.
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
         InFlight(self.clone())
     }
 
@@ -146,13 +145,15 @@ struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
+        // The time is written before the count drops to 0, so that a timer that sees no
+        // request in flight also sees when the last one ended.
+        let mut since = activity
+            .idle_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *activity
-                .idle_since
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+            *since = Instant::now();
         }
-        activity.changed.notify_one();
     }
 }
 
@@ -186,7 +187,9 @@ async fn serve_connection(
         let activity = activity.clone();
         service_fn(move |req| {
             let in_flight = activity.begin();
-            let handled = routes::handle(state.clone(), peer, req);
+            // Boxed: the handler's state is several kilobytes, which hyper would otherwise
+            // copy each time it moves the future.
+            let handled = Box::pin(routes::handle(state.clone(), peer, req));
             async move {
                 let response = handled.await;
                 drop(in_flight);
@@ -198,9 +201,12 @@ async fn serve_connection(
     tokio::pin!(conn);
     let stopping = state.stopping();
     tokio::pin!(stopping);
+    // Fires at the earliest moment the connection can have been idle for `idle_timeout`; what
+    // happened since is looked at then.
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     let mut closing = false;
     loop {
-        let deadline = activity.idle_deadline(idle_timeout);
         tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
@@ -212,26 +218,19 @@ async fn serve_connection(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = sleep_until_some(deadline), if !closing => {
-                // A request may have begun since the deadline was computed: look again.
-                if activity
-                    .idle_deadline(idle_timeout)
-                    .is_some_and(|d| d <= Instant::now())
-                {
-                    tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+            () = &mut idle, if !closing => {
+                let now = Instant::now();
+                match activity.idle_deadline(idle_timeout) {
+                    Some(deadline) if deadline <= now => {
+                        tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    Some(deadline) => idle.as_mut().reset(deadline),
+                    // A request is in flight: it cannot be idle before `idle_timeout` from now.
+                    None => idle.as_mut().reset(now + idle_timeout),
                 }
             }
-            () = activity.changed.notified(), if !closing => {}
         }
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

@@ -46,6 +46,30 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Reads one HTTP/1.1 response with a `content-length` body; returns its bytes.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if got.len() >= end + 4 + length {
+                return got;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed mid-response: {got:?}"),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no complete response within 5 s: {got:?}"),
+        }
+    }
+}
+
 /// A TLS connection from `local` (any 127.0.0.0/8 address) to the service, offering `alpn`.
 async fn tls_from(
     app: &TestApp,
@@ -701,6 +725,35 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "closed before the idle timeout"
+    );
+
+    // Idleness counts from the end of the last request: a connection used every 0.6 s stays
+    // open well past the timeout, then closes about a second after its last answer.
+    let mut steady = app.tls_connect(app.tls_h1.clone()).await;
+    let started = Instant::now();
+    let mut answered = Instant::now();
+    for round in 0..6 {
+        steady
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("request {round} on a busy connection: {e}"));
+        let head = read_response(&mut steady).await;
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "request {round}: {head:?}"
+        );
+        answered = Instant::now();
+        if round < 5 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    closed_within(&mut steady, Duration::from_secs(8))
+        .await
+        .expect("the connection stayed open after its last request");
+    assert!(
+        answered.elapsed() >= Duration::from_millis(900),
+        "closed before the idle timeout after the last answer"
     );
 
     // HTTP/2: pings keep the connection up, but with no stream open it gets GOAWAY and ends.
