@@ -226,6 +226,17 @@ impl<'de> serde::Deserialize<'de> for PasswordHash {
     }
 }
 
+/// What [`Verifier::verify_any_quick`] could tell without argon2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quick {
+    /// The candidate at this index matches.
+    Match(usize),
+    /// No candidate matches, and none is left for argon2.
+    NoMatch,
+    /// No plain candidate or cached hash matches; argon2 has to check the hashed ones.
+    NeedsArgon2,
+}
+
 /// A configured secret: either the secret itself or its argon2id hash.
 #[derive(Clone, Debug)]
 pub enum Credential {
@@ -466,15 +477,10 @@ impl Verifier {
         candidates: impl IntoIterator<Item = &'a Credential>,
     ) -> Option<usize> {
         let candidates: Vec<&Credential> = candidates.into_iter().collect();
-        let mut found = None;
-        for (index, candidate) in candidates.iter().enumerate() {
-            let hit = self.verify_fast(presented, candidate) == Some(true);
-            if hit && found.is_none() {
-                found = Some(index);
-            }
-        }
-        if found.is_some() {
-            return found;
+        match self.verify_any_quick(presented, candidates.iter().copied()) {
+            Quick::Match(index) => return Some(index),
+            Quick::NoMatch => return None,
+            Quick::NeedsArgon2 => {}
         }
         candidates
             .iter()
@@ -485,6 +491,29 @@ impl Verifier {
             })
     }
 
+    /// The checks of [`Verifier::verify_any`] that need no argon2: every plain candidate and
+    /// every cache lookup, without stopping early, and without copying anything.
+    pub fn verify_any_quick<'a>(
+        &self,
+        presented: &[u8],
+        candidates: impl IntoIterator<Item = &'a Credential>,
+    ) -> Quick {
+        let mut found = None;
+        let mut needs_argon2 = false;
+        for (index, candidate) in candidates.into_iter().enumerate() {
+            let verdict = self.verify_fast(presented, candidate);
+            needs_argon2 |= verdict.is_none();
+            if verdict == Some(true) && found.is_none() {
+                found = Some(index);
+            }
+        }
+        match found {
+            Some(index) => Quick::Match(index),
+            None if needs_argon2 => Quick::NeedsArgon2,
+            None => Quick::NoMatch,
+        }
+    }
+
     /// Like [`Verifier::verify_any`], with the argon2 runs on `spawn_blocking`.
     pub async fn verify_any_async(
         self: &Arc<Self>,
@@ -493,16 +522,10 @@ impl Verifier {
     ) -> Option<usize> {
         let verifier = Arc::clone(self);
         // Cheap checks inline: no thread hop when a plain secret or the cache answers.
-        let needs_argon2 = candidates.iter().any(|c| matches!(c, Credential::Hash(_)));
-        let mut found = None;
-        for (index, candidate) in candidates.iter().enumerate() {
-            let hit = self.verify_fast(presented.as_ref(), candidate) == Some(true);
-            if hit && found.is_none() {
-                found = Some(index);
-            }
-        }
-        if found.is_some() || !needs_argon2 {
-            return found;
+        match self.verify_any_quick(presented.as_ref(), &candidates) {
+            Quick::Match(index) => return Some(index),
+            Quick::NoMatch => return None,
+            Quick::NeedsArgon2 => {}
         }
         tokio::task::spawn_blocking(move || verifier.verify_any(presented.as_ref(), &candidates))
             .await

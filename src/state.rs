@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::auth::{Credential, SecretString, Verifier};
+use crate::auth::{Credential, Quick, SecretString, Verifier};
 use crate::config::{Access, Limits, Policy};
 use crate::store::{Scope, Store};
 use crate::waiters::Waiters;
@@ -164,12 +164,21 @@ impl AppState {
     /// before any argon2 run.
     pub async fn authenticate_poller(&self, token: &SecretString) -> Option<AuthenticatedPoller> {
         let access = self.access();
-        let candidates: Vec<Credential> =
-            access.pollers.iter().map(|(_, c, _)| c.clone()).collect();
-        let index = self
+        let presented = token.expose().as_bytes();
+        let quick = self
             .verifier
-            .verify_any_async(token.expose().as_bytes().to_vec(), candidates)
-            .await?;
+            .verify_any_quick(presented, access.pollers.iter().map(|(_, c, _)| c));
+        let index = match quick {
+            Quick::Match(index) => index,
+            Quick::NoMatch => return None,
+            Quick::NeedsArgon2 => {
+                let candidates: Vec<Credential> =
+                    access.pollers.iter().map(|(_, c, _)| c.clone()).collect();
+                self.verifier
+                    .verify_any_async(presented.to_vec(), candidates)
+                    .await?
+            }
+        };
         let (name, _, scope) = access.pollers.get(index)?;
         Some(AuthenticatedPoller {
             name: name.clone(),
