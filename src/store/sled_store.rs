@@ -943,9 +943,9 @@ impl Writer {
         true
     }
 
-    /// Serves groups of requests until the channel closes or a `Close` request arrives.
     /// Answers, with a `storage full` error, the requests of `group` that would add data while
-    /// the disk's free space is below the reserve; returns the others.
+    /// the disk's free space is below the reserve (a put whose bytes are stored already is
+    /// answered as the duplicate it is); returns the others.
     fn refuse_without_space(&mut self, group: Vec<Request>) -> Vec<Request> {
         let adding: u64 = group.iter().filter_map(added_bytes).sum();
         if adding == 0 {
@@ -966,8 +966,25 @@ impl Writer {
             }
             return group;
         }
-        let (refused, kept): (Vec<Request>, Vec<Request>) =
-            group.into_iter().partition(|r| added_bytes(r).is_some());
+        let mut refused = Vec::new();
+        let mut kept = Vec::new();
+        for request in group {
+            match request {
+                // A retry of bytes already stored and readable adds nothing: it gets its
+                // `200` (a duplicate) even now, so the gateway stops sending it.
+                Request::Put(delivery, reply) => match self.find_duplicate(&delivery) {
+                    Ok(Some(id)) => {
+                        answer(reply, Ok(PutOutcome::Duplicate(DeliveryId(id))))(None);
+                    }
+                    _ => refused.push(Request::Put(delivery, reply)),
+                },
+                other if added_bytes(&other).is_some() => refused.push(other),
+                other => kept.push(other),
+            }
+        }
+        if refused.is_empty() {
+            return kept;
+        }
         self.shared.failures.fetch_add(1, Ordering::Relaxed);
         if self.short_of_space.replace(needed).is_none() {
             tracing::error!(
@@ -981,6 +998,7 @@ impl Writer {
         kept
     }
 
+    /// Serves groups of requests until the channel closes or a `Close` request arrives.
     fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
             #[cfg(test)]

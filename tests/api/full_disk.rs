@@ -108,6 +108,27 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_when_space_returns() {
     );
     println!("{} callbacks stored before the disk filled up", acked.len());
 
+    // The gateway's retry of a callback it already got a `200` for is answered as the duplicate
+    // it is, full disk or not: it adds nothing, and a `503` would only make it retry again.
+    let (_, first_body) = &acked[0];
+    let retry = app.post_ok(first_body.clone()).await;
+    assert_eq!(retry.status, StatusCode::OK, "{}", retry.text());
+    assert!(
+        retry.text().contains("\"duplicate\":true"),
+        "{}",
+        retry.text()
+    );
+    // New bytes are still refused.
+    let fresh = app
+        .post_ok(response_doc("disk-new", &"x".repeat(72_000)))
+        .await;
+    assert_eq!(
+        fresh.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        fresh.text()
+    );
+
     // Not ready, still alive, and what was acknowledged is still served.
     assert!(app.state.store.check_writable().await.is_err());
     let health = app
