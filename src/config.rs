@@ -5,7 +5,7 @@
 //! the meaning and builds the typed [`Config`]. Errors name the key and the line. Nothing here
 //! reads the process environment, so every rule is testable with a string.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -693,6 +693,8 @@ fn validate_access(
     }
 
     let mut names = HashSet::new();
+    // Secrets (plain tokens, hash strings) already given, with the poller that has them.
+    let mut secrets: HashMap<(&str, &str), &str> = HashMap::new();
     let mut out_pollers = Vec::with_capacity(pollers.len());
     for (i, p) in pollers.iter().enumerate() {
         let key = |k: &str| format!("poller[{i}].{k}");
@@ -712,6 +714,19 @@ fn validate_access(
                 &key("name"),
                 &format!("duplicate poller name {name:?}"),
             ));
+        }
+        // Two pollers with one secret: the first would always win and decide the scope.
+        for (field, secret) in [("token", &p.token), ("token_hash", &p.token_hash)] {
+            let Some(secret) = secret else { continue };
+            if let Some(other) = secrets.insert((field, secret.get_ref().as_str()), name.as_str()) {
+                return Err(ctx.at(
+                    secret,
+                    &key(field),
+                    &format!(
+                        "the same as poller {other:?}'s: each poller needs a secret of its own"
+                    ),
+                ));
+            }
         }
         let token = match (&p.token, &p.token_hash) {
             (Some(t), Some(_)) => {
@@ -949,6 +964,36 @@ key = "key.pem"
             let err = parse(bad).expect_err(bad).to_string();
             assert!(err.contains(key), "{bad:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn two_pollers_cannot_share_a_secret() {
+        let hash = crate::auth::hash_secret("0123456789abcdef0123").expect("hash");
+        for (first, second, key) in [
+            (
+                "token = \"0123456789abcdef0123\"",
+                "token = \"0123456789abcdef0123\"",
+                "poller[1].token",
+            ),
+            (
+                &*format!("token_hash = \"{hash}\""),
+                &*format!("token_hash = \"{hash}\""),
+                "poller[1].token_hash",
+            ),
+        ] {
+            let text =
+                format!("[[poller]]\nname = \"a\"\n{first}\n[[poller]]\nname = \"b\"\n{second}\n");
+            let err = parse(&text).expect_err("shared secret").to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(err.contains("\"a\""), "{err}");
+            assert!(
+                !err.contains("0123456789abcdef0123"),
+                "the secret is shown: {err}"
+            );
+        }
+        // A secret of its own each: fine, also when one is plain and the other hashed.
+        let text = format!("[[poller]]\nname = \"a\"\ntoken = \"0123456789abcdef0123\"\n[[poller]]\nname = \"b\"\ntoken_hash = \"{hash}\"\n[[poller]]\nname = \"c\"\ntoken = \"fedcba9876543210fedc\"\n");
+        assert_eq!(parse(&text).expect("valid").access.pollers.len(), 3);
     }
 
     #[test]
