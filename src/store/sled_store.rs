@@ -13,7 +13,7 @@
 //! | `c` len controlid id | sha256 (32) ‖ received_at (8) ‖ policy | `latest`, idempotency, delete |
 //! | `u` len policy sha256 | id | idempotency of unmatched deliveries |
 //! | `p` len policy id | empty | `feed` scoped to a few policies |
-//! | `t` received_at id | `d` or `q` | retention (`purge_older_than`) |
+//! | `t` received_at id | `d` or `q` | retention, only in databases written before the purge walked ids (none are written now: the ids of `m` and `q` are in arrival order, see [`Writer::purge`]) |
 //! | `q` id | version byte + JSON of the quarantine record | `quarantined` |
 //! | `Q` id | the raw quarantined body | `quarantined_body` |
 //! | `e` len controlid len poller | version byte + JSON of the [`Expectation`] | `expectation`, `expectations`, resolution by `put` |
@@ -145,9 +145,10 @@ const LOG_END_KEY: &[u8] = b"s/log_end";
 /// `s/next_id`, `s/deliveries` and `s/log_end`, which are read only when it is missing.
 const COUNTERS_KEY: &[u8] = b"s/counters";
 
-/// Value of a `t` entry that points at a delivery.
+/// Value of a `t` entry (written by older versions) that points at a delivery.
+#[cfg(test)]
 const KIND_DELIVERY: u8 = b'd';
-/// Value of a `t` entry that points at a quarantined body.
+/// Value of a `t` entry (written by older versions) that points at a quarantined body.
 const KIND_QUARANTINE: u8 = b'q';
 
 /// Leading byte of an encoded record: the encoding version.
@@ -1495,10 +1496,6 @@ impl Writer {
         let mut batch = sled::Batch::default();
         batch.insert(&id_key(QMETA, id)[..], record);
         batch.insert(&id_key(QBODY, id)[..], &item.body[..]);
-        batch.insert(
-            &time_key(item.received_at_ms, id)[..],
-            &[KIND_QUARANTINE][..],
-        );
         batch.insert(COUNTERS_KEY, &self.counters(self.deliveries)[..]);
         batch.insert(QUARANTINED_KEY, &(self.quarantined + 1).to_be_bytes()[..]);
         self.db()?.apply_batch(batch).map_err(sled_error)?;
@@ -1546,11 +1543,19 @@ impl Writer {
     /// Removes up to `limit` items received (or, for expectations, recorded) before `cutoff_ms`,
     /// in one atomic batch: deliveries and quarantined bodies first, then expectations with what
     /// is left of `limit`.
+    ///
+    /// Deliveries and quarantined bodies have no time index: their ids are in arrival order, so
+    /// each kind is walked from its oldest id and the walk stops at the first item received at
+    /// or after `cutoff_ms`. (After the clock was set back, items behind a younger one wait for
+    /// it; nothing goes early.) Databases written before that still have `t` entries; those are
+    /// taken first, as before.
     fn purge(&mut self, cutoff_ms: i64, limit: usize) -> Result<PurgeStep, StoreError> {
         let mut batch = sled::Batch::default();
         let mut scanned = 0;
         let mut deliveries = 0_u64;
         let mut quarantined = 0_u64;
+        // Ids removed by the `t` entries of an older database, so the walks below skip them.
+        let mut taken = HashSet::new();
         let start = [TIME];
         let end = time_prefix(cutoff_ms);
         for entry in self.db()?.range(&start[..]..&end[..]).take(limit) {
@@ -1558,6 +1563,7 @@ impl Writer {
             scanned += 1;
             batch.remove(key.clone());
             let Some(id) = id_suffix(&key) else { continue };
+            taken.insert(id);
             if kind.first() == Some(&KIND_QUARANTINE) {
                 if self
                     .db()?
@@ -1575,6 +1581,49 @@ impl Writer {
             };
             deliveries += 1;
             remove_delivery(self.db()?, &mut batch, id, &raw, false)?;
+        }
+        for prefix in [META, QMETA] {
+            // Records that cannot be decoded have no time: they go with the next older one
+            // (which their smaller id makes them older than), and stay before a younger one.
+            let mut undated = Vec::new();
+            for entry in self.db()?.scan_prefix([prefix]) {
+                if scanned >= limit {
+                    break;
+                }
+                let (key, raw) = entry.map_err(sled_error)?;
+                let Some(id) = id_suffix(&key) else { continue };
+                if taken.contains(&id) {
+                    continue;
+                }
+                let received_at_ms = if prefix == META {
+                    decode_delivery(id, &raw).map(|r| r.received_at_ms)
+                } else {
+                    decode_quarantine(id, &raw).map(|r| r.received_at_ms)
+                };
+                let Ok(received_at_ms) = received_at_ms else {
+                    undated.push((id, raw, None));
+                    continue;
+                };
+                if received_at_ms >= cutoff_ms {
+                    break;
+                }
+                undated.push((id, raw, Some(received_at_ms)));
+                for (id, raw, received_at_ms) in undated.drain(..) {
+                    scanned += 1;
+                    if prefix == META {
+                        deliveries += 1;
+                        remove_delivery(self.db()?, &mut batch, id, &raw, true)?;
+                    } else {
+                        quarantined += 1;
+                        batch.remove(&id_key(QMETA, id)[..]);
+                        batch.remove(&id_key(QBODY, id)[..]);
+                        if let Some(ms) = received_at_ms {
+                            // The entry of an older database, if there is one.
+                            batch.remove(&time_key(ms, id)[..]);
+                        }
+                    }
+                }
+            }
         }
         let mut expectations = 0_u64;
         let start = [EXPECT_TIME];
@@ -2405,11 +2454,11 @@ fn insert_delivery(batch: &mut impl KeyWrites, keys: DeliveryKeys<'_>, meta: &[u
         None => batch.put(&unmatched_key(policy, sha256), &id.to_be_bytes()),
     }
     batch.put(&policy_key(policy, id), &[]);
-    batch.put(&time_key(received_at_ms, id), &[KIND_DELIVERY]);
 }
 
 /// Adds to `batch` the removal of delivery `id` (sled record `raw`) and its index entries;
-/// with `with_time`, its time entry too (a purge removes that itself). A record that cannot be
+/// with `with_time`, the time entry that databases written before the purge walked ids have
+/// (a purge through those entries removes it itself). A record that cannot be
 /// decoded still goes; its index entries may stay behind, and readers skip index entries whose
 /// record is gone.
 fn remove_delivery(
@@ -4115,9 +4164,123 @@ mod tests {
             .expect("put");
         assert!(matches!(again, PutOutcome::Stored(id) if id > new_q));
         assert_eq!(store.purge_older_than(100, 3).await.expect("purge"), 0);
-        // Only the index entries of live items remain.
+        // No time index is written any more: the purge walks ids.
         let time_entries = store.db().expect("db").scan_prefix([TIME]).count();
-        assert_eq!(time_entries, 3);
+        assert_eq!(time_entries, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purge_walks_ids_and_stops_at_the_first_younger_item() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let put = |controlid: &'static str, at: i64| {
+            let store = &store;
+            async move {
+                store
+                    .put(delivery("p", Some(controlid), controlid.as_bytes(), at))
+                    .await
+                    .expect("put")
+                    .id()
+            }
+        };
+        let a = put("a", 10).await;
+        let broken = put("broken", 15).await;
+        let b = put("b", 20).await;
+        // The clock was ahead for this one, then set back.
+        let ahead = put("ahead", 500).await;
+        let behind = put("behind", 30).await;
+        let broken_late = put("broken-late", 31).await;
+        let q_old = store
+            .quarantine(quarantine_item("p", b"<", 5))
+            .await
+            .expect("q");
+        let q_new = store
+            .quarantine(quarantine_item("p", b"<", 600))
+            .await
+            .expect("q");
+        let db = store.db().expect("db");
+        for id in [broken, broken_late] {
+            db.insert(id_key(META, id.0), &b"\x02not a record"[..])
+                .expect("insert");
+        }
+
+        // Up to `ahead`: the undecodable record between two old ones goes with them; the old
+        // one behind `ahead` waits for it, and so does the undecodable one after that.
+        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 4);
+        for id in [a, broken, b] {
+            assert!(!db.contains_key(id_key(META, id.0)).expect("get"), "{id}");
+        }
+        for id in [ahead, behind, broken_late] {
+            assert!(db.contains_key(id_key(META, id.0)).expect("get"), "{id}");
+        }
+        assert!(store.quarantined_body(q_old).await.expect("body").is_none());
+        assert!(store.quarantined_body(q_new).await.expect("body").is_some());
+        assert_eq!(store.delivery_count(), 3);
+        assert_eq!(store.quarantine_count(), 1);
+        // Once `ahead` is old enough, the one behind it goes too; the undecodable last one
+        // waits for a dated one after it.
+        assert_eq!(store.purge_older_than(550, 2).await.expect("purge"), 2);
+        assert!(store
+            .latest("behind", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert_eq!(store.delivery_count(), 1);
+        put("later", 540).await;
+        assert_eq!(store.purge_older_than(550, 2).await.expect("purge"), 2);
+        assert!(!db.contains_key(id_key(META, broken_late.0)).expect("get"));
+        assert_eq!(store.delivery_count(), 0);
+        assert!(store.quarantined_body(q_new).await.expect("body").is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purge_takes_the_time_entries_of_an_older_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let young = store
+            .put(delivery("p", Some("young"), b"y", 200))
+            .await
+            .expect("put")
+            .id();
+        let old = store
+            .put(delivery("p", Some("old"), b"o", 10))
+            .await
+            .expect("put")
+            .id();
+        let q = store
+            .quarantine(quarantine_item("p", b"<", 20))
+            .await
+            .expect("q");
+        // As an older version wrote them: a time entry per item.
+        let db = store.db().expect("db");
+        for (at, id, kind) in [
+            (200, young, KIND_DELIVERY),
+            (10, old, KIND_DELIVERY),
+            (20, q, KIND_QUARANTINE),
+        ] {
+            db.insert(&time_key(at, id.0)[..], &[kind][..])
+                .expect("insert");
+        }
+        // The entries find the old items behind the young one, which the id walk would not.
+        assert_eq!(store.purge_older_than(100, 10).await.expect("purge"), 2);
+        assert!(store
+            .latest("old", &Scope::All)
+            .await
+            .expect("latest")
+            .is_none());
+        assert!(store.quarantined_body(q).await.expect("body").is_none());
+        assert!(store
+            .latest("young", &Scope::All)
+            .await
+            .expect("latest")
+            .is_some());
+        assert_eq!(db.scan_prefix([TIME]).count(), 1);
+        assert_eq!(store.delivery_count(), 1);
+        assert_eq!(store.quarantine_count(), 0);
+        // The young one's entry goes with it.
+        assert_eq!(store.purge_older_than(300, 10).await.expect("purge"), 1);
+        assert_eq!(db.scan_prefix([TIME]).count(), 0);
+        assert_eq!(store.delivery_count(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread")]

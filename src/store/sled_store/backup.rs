@@ -15,9 +15,8 @@ use bytes::Bytes;
 use super::{
     decode_delivery, decode_expectation, decode_quarantine, encode, expect_key, expect_time_key,
     id_key, id_suffix, insert_delivery, located_meta, read_body_of, read_bytes, segments,
-    sled_error, sync_dir, time_key, Counters, DeliveryKeys, SledOptions, SledStore,
-    StoredDeliveryRef, StoredQuarantineRef, BODIES_DIR, COUNTERS_KEY, EXPECT, KIND_QUARANTINE,
-    META, QBODY, QMETA, QUARANTINED_KEY,
+    sled_error, sync_dir, Counters, DeliveryKeys, SledOptions, SledStore, StoredDeliveryRef,
+    StoredQuarantineRef, BODIES_DIR, COUNTERS_KEY, EXPECT, META, QBODY, QMETA, QUARANTINED_KEY,
 };
 use crate::store::{DeliveryRecord, Expectation, QuarantineRecord, StoreError};
 
@@ -353,10 +352,6 @@ impl Restorer {
                     encode(&stored, "restored quarantine item")?,
                 );
                 batch.insert(&id_key(QBODY, id)[..], &body[..]);
-                batch.insert(
-                    &time_key(record.received_at_ms, id)[..],
-                    &[KIND_QUARANTINE][..],
-                );
                 self.counts.quarantined += 1;
                 self.batch_bytes += body.len();
             }
