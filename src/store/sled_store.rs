@@ -544,8 +544,24 @@ impl Store for SledStore {
             .await
     }
 
+    /// From the read cache when it has the answer; otherwise read (and kept in the cache when
+    /// its count is the same for every scope, see `read_cache.rs`).
     async fn latest(&self, controlid: &str, scope: &Scope) -> Result<Option<Latest>, StoreError> {
-        self.read_now(|db, watermark| read_latest(db, watermark, controlid, scope))
+        if let Some(hit) = self.cache.get_latest(controlid, scope) {
+            return Ok(Some(hit));
+        }
+        let generation = self.cache.generation();
+        let Some(found) =
+            self.read_now(|db, watermark| read_latest(db, watermark, controlid, scope))?
+        else {
+            return Ok(None);
+        };
+        self.cache.count_miss();
+        if let Some(cost) = found.cache_cost {
+            self.cache
+                .fill_latest(generation, controlid, &found.latest, cost);
+        }
+        Ok(Some(found.latest))
     }
 
     /// From the read cache when it has the answer. Otherwise it reads the index entry and the
@@ -2095,26 +2111,50 @@ fn read_latest(
     watermark: u64,
     controlid: &str,
     scope: &Scope,
-) -> Result<Option<Latest>, StoreError> {
+) -> Result<Option<FoundLatest>, StoreError> {
     let mut ids = Vec::new();
+    // The policy of every visible delivery, while they all have the same one.
+    let mut one_policy: Option<Option<Vec<u8>>> = None;
     for entry in db.scan_prefix(controlid_prefix(controlid)).rev() {
         let (key, value) = entry.map_err(sled_error)?;
         let Some(id) = id_suffix(&key) else { continue };
         if id > watermark {
             continue;
         }
-        match ControlidEntry::parse(&value) {
+        let index = ControlidEntry::parse(&value);
+        let policy = index.as_ref().map(|i| i.policy.as_bytes());
+        match &one_policy {
+            None => one_policy = Some(policy.map(<[u8]>::to_vec)),
+            Some(Some(first)) if policy == Some(&first[..]) => {}
+            Some(_) => one_policy = Some(None),
+        }
+        match index {
             Some(index) if scope.allows(index.policy) => ids.push(id),
             _ => {}
         }
     }
     let deliveries = u32::try_from(ids.len()).unwrap_or(u32::MAX);
-    for id in ids {
-        if let Some(record) = read_record(db, id)? {
-            return Ok(Some(Latest { record, deliveries }));
+    let same_for_every_scope = matches!(one_policy, Some(Some(_)));
+    for (i, id) in ids.into_iter().enumerate() {
+        if let Some(raw) = db.get(id_key(META, id)).map_err(sled_error)? {
+            let record = decode_delivery(id, &raw)?;
+            // Decoded, a record takes about twice its encoded size.
+            let cache_cost = (i == 0 && same_for_every_scope).then_some(2 * raw.len());
+            return Ok(Some(FoundLatest {
+                latest: Latest { record, deliveries },
+                cache_cost,
+            }));
         }
     }
     Ok(None)
+}
+
+/// What [`read_latest`] finds.
+struct FoundLatest {
+    latest: Latest,
+    /// Its size for the read cache, when it may be kept there: it is the newest visible
+    /// delivery of the controlid, and every visible one has its policy.
+    cache_cost: Option<usize>,
 }
 
 /// What [`read_latest_head`] finds: the newest visible delivery's id, SHA-256 and position.

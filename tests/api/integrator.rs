@@ -901,6 +901,95 @@ async fn the_raw_get_cache_follows_deliveries_deletes_and_scope() {
     }
 }
 
+/// The JSON `GET` answers from the same cache: its summary, and above all its delivery count,
+/// must follow new deliveries, deletes and the poller's scope exactly as the store does.
+#[tokio::test]
+async fn the_json_get_cache_follows_deliveries_deletes_and_scope() {
+    for cache_on in [true, false] {
+        let app = spawn_app_with(|c| {
+            if !cache_on {
+                c.read_cache_bytes = 0;
+            }
+        })
+        .await;
+        let path = response_path("cached-json");
+        // (sha256, deliveries, delivery id) of the JSON answer, read twice: the second read
+        // may come from the cache and must say the same.
+        let summary = |token: &'static str| {
+            let app = &app;
+            let path = path.clone();
+            async move {
+                let mut seen = Vec::new();
+                for _ in 0..2 {
+                    let answer = get(app, &path, token, true).await;
+                    if answer.status != StatusCode::OK {
+                        seen.push(None);
+                        continue;
+                    }
+                    let json = answer.json();
+                    seen.push(Some((
+                        json["sha256"].as_str().expect("sha256").to_owned(),
+                        json["deliveries"].as_u64().expect("deliveries"),
+                        json["delivery_id"].as_str().expect("id").to_owned(),
+                    )));
+                }
+                assert_eq!(seen[0], seen[1], "cache {cache_on}: a second read differs");
+                seen[0].clone()
+            }
+        };
+        let first = response_doc("cached-json", "first");
+        let id1 = post(&app, POLICY, &first).await;
+        assert_eq!(
+            summary(TOKEN_ALL).await,
+            Some((sha256_hex(&first), 1, id1.clone()))
+        );
+        if cache_on {
+            let hits = cache_lookups(&app, "hit").await.expect("hits");
+            assert!(hits >= 1, "{hits} hits");
+        }
+        let second = response_doc("cached-json", "second");
+        let id2 = post(&app, POLICY, &second).await;
+        assert_eq!(
+            summary(TOKEN_ALL).await,
+            Some((sha256_hex(&second), 2, id2.clone()))
+        );
+        assert_eq!(summary(TOKEN_SCOPED).await, None);
+        // Deliveries of two policies: each poller counts what its scope allows.
+        let theirs = response_doc("cached-json", "second policy");
+        let id3 = post(&app, SECOND_POLICY, &theirs).await;
+        assert_eq!(
+            summary(TOKEN_SCOPED).await,
+            Some((sha256_hex(&theirs), 1, id3.clone()))
+        );
+        assert_eq!(
+            summary(TOKEN_ALL).await,
+            Some((sha256_hex(&theirs), 3, id3.clone()))
+        );
+        assert_eq!(
+            summary(TOKEN_SCOPED).await,
+            Some((sha256_hex(&theirs), 1, id3))
+        );
+        // The scoped poller deletes its delivery: the other one gets the older one back.
+        assert_eq!(
+            delete(&app, &path, TOKEN_SCOPED).await.status,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(summary(TOKEN_SCOPED).await, None);
+        assert_eq!(
+            summary(TOKEN_ALL).await,
+            Some((sha256_hex(&second), 2, id2))
+        );
+        assert_eq!(
+            delete(&app, &path, TOKEN_ALL).await.status,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(summary(TOKEN_ALL).await, None);
+        let third = response_doc("cached-json", "third");
+        let id4 = post(&app, POLICY, &third).await;
+        assert_eq!(summary(TOKEN_ALL).await, Some((sha256_hex(&third), 1, id4)));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Expectations.
 

@@ -1,9 +1,15 @@
-//! A bounded memory cache of the newest delivery of recently read controlids, for the raw `GET`.
+//! A bounded memory cache of the newest delivery of recently read controlids, for `GET`.
 //!
 //! A raw `GET` from the store costs a sled range scan (which clones a leaf), a sled read and a
-//! `pread` of the body log. An integrator typically reads a response more than once (a poll,
-//! then a retry, a second system), so the answer of the last read is kept: id, SHA-256, policy
-//! and a copy of the body, at most [`MAX_ENTRY_BODY_BYTES`] each, at most the configured total.
+//! `pread` of the body log; a JSON one the scan, a sled read and the decoding of the record.
+//! An integrator typically reads a response more than once (a poll, then a retry, a second
+//! system), so the answer of the last read is kept: id, SHA-256, policy, and what the reads
+//! asked for: a copy of the body (at most [`MAX_ENTRY_BODY_BYTES`]) and the decoded record with
+//! the controlid's delivery count ([`Latest`]). At most the configured total is kept.
+//!
+//! The count depends on the poller's scope when the controlid has deliveries of more than one
+//! policy, so a [`Latest`] is kept only when every delivery of the controlid has the policy of
+//! the newest one: then every scope that allows that policy counts them all.
 //!
 //! # Staying correct
 //!
@@ -23,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::store::{DeliveryId, LatestBody, ReadCacheStats, Scope};
+use crate::store::{DeliveryId, Latest, LatestBody, ReadCacheStats, Scope};
 
 /// The largest body kept: larger ones are read from the log every time.
 pub(super) const MAX_ENTRY_BODY_BYTES: usize = 64 * 1024;
@@ -53,12 +59,41 @@ struct Entry {
     id: u64,
     sha256: [u8; 32],
     policy: Box<str>,
-    body: Bytes,
+    /// The raw body, once a raw read kept it.
+    body: Option<Bytes>,
+    /// The decoded record and count, once a JSON read kept it, with its estimated size.
+    latest: Option<(Box<Latest>, usize)>,
 }
 
 impl Entry {
     fn cost(&self, controlid: &str) -> usize {
-        self.body.len() + controlid.len() + self.policy.len() + ENTRY_OVERHEAD_BYTES
+        self.body.as_ref().map_or(0, Bytes::len)
+            + self.latest.as_ref().map_or(0, |(_, cost)| *cost)
+            + controlid.len()
+            + self.policy.len()
+            + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+/// What a fill adds to an entry.
+enum Part {
+    Body(Bytes),
+    Latest(Box<Latest>, usize),
+}
+
+impl Part {
+    fn cost(&self) -> usize {
+        match self {
+            Part::Body(body) => body.len(),
+            Part::Latest(_, cost) => *cost,
+        }
+    }
+
+    fn set(self, entry: &mut Entry) {
+        match self {
+            Part::Body(body) => entry.body = Some(body),
+            Part::Latest(latest, cost) => entry.latest = Some((latest, cost)),
+        }
     }
 }
 
@@ -99,10 +134,37 @@ impl ReadCache {
                 .entries
                 .get(controlid)
                 .filter(|entry| scope.allows(&entry.policy))
-                .map(|entry| LatestBody {
-                    id: DeliveryId(entry.id),
-                    sha256: entry.sha256,
-                    body: entry.body.clone(),
+                .and_then(|entry| {
+                    Some(LatestBody {
+                        id: DeliveryId(entry.id),
+                        sha256: entry.sha256,
+                        body: entry.body.clone()?,
+                    })
+                })
+        };
+        if hit.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// The cached newest delivery of `controlid` with its count, when `scope` allows its
+    /// policy.
+    pub fn get_latest(&self, controlid: &str, scope: &Scope) -> Option<Latest> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let hit = {
+            let inner = self.lock();
+            inner
+                .entries
+                .get(controlid)
+                .filter(|entry| scope.allows(&entry.policy))
+                .and_then(|entry| {
+                    entry
+                        .latest
+                        .as_ref()
+                        .map(|(latest, _)| Latest::clone(latest))
                 })
         };
         if hit.is_some() {
@@ -153,45 +215,82 @@ impl ReadCache {
         if body.len() > MAX_ENTRY_BODY_BYTES {
             return;
         }
-        let entry = Entry {
-            id,
-            sha256,
-            policy: policy.into(),
-            // An exact copy: the read buffer may be larger than the body.
-            body: Bytes::copy_from_slice(body),
-        };
-        let cost = entry.cost(controlid);
-        if cost > self.capacity {
+        // An exact copy: the read buffer may be larger than the body.
+        let part = Part::Body(Bytes::copy_from_slice(body));
+        self.keep(generation, controlid, id, sha256, policy, part);
+    }
+
+    /// Keeps the newest delivery of `controlid` with its count, read at `generation`, whose
+    /// decoded form takes about `cost` bytes. The caller makes sure that every delivery of the
+    /// controlid has the record's policy (see the module documentation).
+    pub fn fill_latest(&self, generation: u64, controlid: &str, latest: &Latest, cost: usize) {
+        let record = &latest.record;
+        let part = Part::Latest(Box::new(latest.clone()), cost);
+        let (id, sha256) = (record.id.0, record.sha256);
+        self.keep(generation, controlid, id, sha256, &record.policy, part);
+    }
+
+    /// Adds `part` to the entry of `controlid` when it is for the same delivery, or replaces
+    /// the entry when `id` is newer; then evicts the oldest fills beyond the capacity.
+    fn keep(
+        &self,
+        generation: u64,
+        controlid: &str,
+        id: u64,
+        sha256: [u8; 32],
+        policy: &str,
+        part: Part,
+    ) {
+        if part.cost() + controlid.len() + policy.len() + ENTRY_OVERHEAD_BYTES > self.capacity {
             return;
         }
         let mut inner = self.lock();
         if inner.generation != generation {
             return;
         }
-        if let Some(old) = inner.entries.get(controlid) {
-            if old.id >= id {
-                return;
+        let Inner {
+            entries,
+            order,
+            bytes,
+            ..
+        } = &mut *inner;
+        match entries.get_mut(controlid) {
+            Some(old) if old.id > id => return,
+            Some(old) if old.id == id => {
+                *bytes -= old.cost(controlid);
+                part.set(old);
+                *bytes += old.cost(controlid);
             }
-            let old_cost = old.cost(controlid);
-            inner.bytes -= old_cost;
+            old => {
+                if let Some(old) = old {
+                    *bytes -= old.cost(controlid);
+                }
+                let mut entry = Entry {
+                    id,
+                    sha256,
+                    policy: policy.into(),
+                    body: None,
+                    latest: None,
+                };
+                part.set(&mut entry);
+                *bytes += entry.cost(controlid);
+                let key: Arc<str> = controlid.into();
+                order.push_back((Arc::clone(&key), id));
+                entries.insert(key, entry);
+            }
         }
-        let key: Arc<str> = controlid.into();
-        inner.order.push_back((Arc::clone(&key), id));
-        inner.entries.insert(key, entry);
-        inner.bytes += cost;
-        while inner.bytes > self.capacity {
-            let Some((key, id)) = inner.order.pop_front() else {
+        while *bytes > self.capacity {
+            let Some((key, id)) = order.pop_front() else {
                 break;
             };
-            if inner.entries.get(&key).is_some_and(|e| e.id == id) {
-                if let Some(gone) = inner.entries.remove(&key) {
-                    inner.bytes -= gone.cost(&key);
+            if entries.get(&key).is_some_and(|e| e.id == id) {
+                if let Some(gone) = entries.remove(&key) {
+                    *bytes -= gone.cost(&key);
                 }
             }
         }
         // Stale pairs pile up when entries are replaced: drop them once they dominate.
-        if inner.order.len() > 2 * inner.entries.len() + 64 {
-            let Inner { entries, order, .. } = &mut *inner;
+        if order.len() > 2 * entries.len() + 64 {
             order.retain(|(key, id)| entries.get(key).is_some_and(|e| e.id == *id));
         }
     }
@@ -307,6 +406,52 @@ mod tests {
         }
         assert!(cache.lock().order.len() <= 2 * 3 + 64);
         assert!(cache.bytes() <= 3 * cost);
+    }
+
+    fn latest(id: u64, policy: &str, deliveries: u32) -> Latest {
+        Latest {
+            record: crate::store::DeliveryRecord {
+                id: DeliveryId(id),
+                policy: policy.to_owned(),
+                received_at_ms: 7,
+                size: 3,
+                sha256: [id as u8; 32],
+                extracted: crate::xml::Extracted::default(),
+            },
+            deliveries,
+        }
+    }
+
+    #[test]
+    fn a_record_and_a_body_of_one_delivery_share_an_entry() {
+        let cache = ReadCache::new(1 << 20);
+        let g = cache.generation();
+        cache.fill_latest(g, "a", &latest(3, "p", 2), 500);
+        assert!(cache.get("a", &Scope::All).is_none(), "no body yet");
+        let hit = cache.get_latest("a", &Scope::All).expect("hit");
+        assert_eq!((hit.record.id.0, hit.deliveries), (3, 2));
+        let other = Scope::Policies(vec!["q".to_owned()]);
+        assert!(cache.get_latest("a", &other).is_none());
+        // The body of the same delivery joins the entry, and both count.
+        fill(&cache, g, "a", 3, b"abc");
+        assert_eq!(cached_id(&cache, "a"), Some(3));
+        assert!(cache.get_latest("a", &Scope::All).is_some());
+        assert_eq!(cache.bytes(), 500 + 3 + 1 + 1 + ENTRY_OVERHEAD_BYTES);
+        // A newer delivery replaces both; an older record does not come back.
+        fill(&cache, g, "a", 4, b"four");
+        assert!(cache.get_latest("a", &Scope::All).is_none());
+        cache.fill_latest(g, "a", &latest(3, "p", 2), 500);
+        assert!(cache.get_latest("a", &Scope::All).is_none());
+        assert_eq!(cached_id(&cache, "a"), Some(4));
+        // Refused after a change, like a body.
+        cache.invalidate(["a"]);
+        cache.fill_latest(g, "a", &latest(5, "p", 3), 500);
+        assert!(cache.get_latest("a", &Scope::All).is_none());
+        assert_eq!(cache.bytes(), 0);
+        // Too large for the whole cache: not kept.
+        let small = ReadCache::new(1000);
+        small.fill_latest(small.generation(), "a", &latest(1, "p", 1), 2000);
+        assert!(small.get_latest("a", &Scope::All).is_none());
     }
 
     #[test]
