@@ -251,6 +251,10 @@ impl Shared {
     }
 }
 
+/// How many items in a row that are not old enough the purge looks past, for old ones that
+/// arrived after them (see [`Writer::purge`]).
+const PURGE_LOOK_AHEAD: usize = 1024;
+
 /// What one purge request did.
 #[derive(Debug, Clone, Copy)]
 struct PurgeStep {
@@ -1561,9 +1565,12 @@ impl Writer {
     /// is left of `limit`.
     ///
     /// Deliveries and quarantined bodies have no time index: their ids are in arrival order, so
-    /// each kind is walked from its oldest id and the walk stops at the first item received at
-    /// or after `cutoff_ms`. (After the clock was set back, items behind a younger one wait for
-    /// it; nothing goes early.) Databases written before that still have `t` entries; those are
+    /// each kind is walked from its oldest id, and the walk stops after [`PURGE_LOOK_AHEAD`]
+    /// items in a row that were received at or after `cutoff_ms`. In order of arrival the first
+    /// such item is followed by younger ones only, unless the clock was once set back: then
+    /// the look-ahead finds the old items behind the few stamped ahead of time, and only more
+    /// than that many in a row hold them back (until they are old enough themselves). Nothing
+    /// goes early either way. Databases written before that still have `t` entries; those are
     /// taken first, as before.
     fn purge(&mut self, cutoff_ms: i64, limit: usize) -> Result<PurgeStep, StoreError> {
         let mut batch = sled::Batch::default();
@@ -1599,9 +1606,10 @@ impl Writer {
             remove_delivery(self.db()?, &mut batch, id, &raw, false)?;
         }
         for prefix in [META, QMETA] {
-            // Records that cannot be decoded have no time: they go with the next older one
-            // (which their smaller id makes them older than), and stay before a younger one.
+            // Records that cannot be decoded have no time: they go with the next old one after
+            // them (their smaller id makes them older than it), and stay otherwise.
             let mut undated = Vec::new();
+            let mut young = 0;
             for entry in self.db()?.scan_prefix([prefix]) {
                 if scanned >= limit {
                     break;
@@ -1621,8 +1629,13 @@ impl Writer {
                     continue;
                 };
                 if received_at_ms >= cutoff_ms {
-                    break;
+                    young += 1;
+                    if young >= PURGE_LOOK_AHEAD {
+                        break;
+                    }
+                    continue;
                 }
+                young = 0;
                 undated.push((id, raw, Some(received_at_ms)));
                 for (id, raw, received_at_ms) in undated.drain(..) {
                     scanned += 1;
@@ -1651,7 +1664,7 @@ impl Writer {
             .db()?
             .range(&start[..]..&end[..])
             .keys()
-            .take(limit - scanned)
+            .take(limit.saturating_sub(scanned))
         {
             let key = entry.map_err(sled_error)?;
             scanned += 1;
@@ -4244,24 +4257,24 @@ mod tests {
                 .expect("insert");
         }
 
-        // Up to `ahead`: the undecodable record between two old ones goes with them; the old
-        // one behind `ahead` waits for it, and so does the undecodable one after that.
-        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 4);
-        for id in [a, broken, b] {
+        // The undecodable record between two old ones goes with them; the walk looks past
+        // `ahead` and finds the old one behind it; the undecodable last one has no old one
+        // after it and stays.
+        assert_eq!(store.purge_older_than(100, 2).await.expect("purge"), 5);
+        for id in [a, broken, b, behind] {
             assert!(!db.contains_key(id_key(META, id.0)).expect("get"), "{id}");
         }
-        for id in [ahead, behind, broken_late] {
+        for id in [ahead, broken_late] {
             assert!(db.contains_key(id_key(META, id.0)).expect("get"), "{id}");
         }
         assert!(store.quarantined_body(q_old).await.expect("body").is_none());
         assert!(store.quarantined_body(q_new).await.expect("body").is_some());
-        assert_eq!(store.delivery_count(), 3);
+        assert_eq!(store.delivery_count(), 2);
         assert_eq!(store.quarantine_count(), 1);
-        // Once `ahead` is old enough, the one behind it goes too; the undecodable last one
-        // waits for a dated one after it.
-        assert_eq!(store.purge_older_than(550, 2).await.expect("purge"), 2);
+        // Once `ahead` is old enough it goes; the undecodable one waits for a dated one.
+        assert_eq!(store.purge_older_than(550, 2).await.expect("purge"), 1);
         assert!(store
-            .latest("behind", &Scope::All)
+            .latest("ahead", &Scope::All)
             .await
             .expect("latest")
             .is_none());
@@ -4271,6 +4284,40 @@ mod tests {
         assert!(!db.contains_key(id_key(META, broken_late.0)).expect("get"));
         assert_eq!(store.delivery_count(), 0);
         assert!(store.quarantined_body(q_new).await.expect("body").is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn purge_looks_past_a_bounded_run_of_young_items() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let put = |controlid: String, at: i64| {
+            let store = &store;
+            async move {
+                store
+                    .put(delivery("p", Some(&controlid), controlid.as_bytes(), at))
+                    .await
+                    .expect("put")
+                    .id()
+            }
+        };
+        // Stamped ahead of the clock, then one stamped right: found behind them.
+        for i in 0..PURGE_LOOK_AHEAD - 1 {
+            put(format!("young{i}"), 500).await;
+        }
+        let old = put("old".to_owned(), 10).await;
+        assert_eq!(store.purge_older_than(100, 500).await.expect("purge"), 1);
+        assert!(store.record(old).await.expect("record").is_none());
+        // One more in the run: now the old one behind them waits.
+        put("young-last".to_owned(), 500).await;
+        let held = put("held".to_owned(), 10).await;
+        assert_eq!(store.purge_older_than(100, 500).await.expect("purge"), 0);
+        assert!(store.record(held).await.expect("record").is_some());
+        let total = PURGE_LOOK_AHEAD as u64 + 1;
+        assert_eq!(store.delivery_count(), total);
+        assert_eq!(
+            store.purge_older_than(600, 500).await.expect("purge"),
+            total as usize
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
