@@ -568,8 +568,17 @@ async fn read_body(
             Ok(Some(Ok(frame))) => frame,
         };
         if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > limit {
+            let len = (buf.len() + data.len()) as u64;
+            if len > limit {
                 return Err(ApiError::PayloadTooLarge { limit });
+            }
+            // Past the first allocation the client has sent real bytes: make room for the
+            // whole declared length at once instead of doubling, since every doubling copies
+            // the body (mimalloc has no `mremap`) and would hold two copies at its peak. The
+            // pages are only resident once bytes arrive in them.
+            if let Some(declared) = declared.filter(|d| len > buf.capacity() as u64 && *d >= len)
+            {
+                buf.reserve(declared.min(limit) as usize - buf.len());
             }
             buf.extend_from_slice(&data);
         }
