@@ -573,11 +573,10 @@ async fn read_body(
                 return Err(ApiError::PayloadTooLarge { limit });
             }
             // Past the first allocation the client has sent real bytes: make room for the
-            // whole declared length at once instead of doubling, since every doubling copies
-            // the body (mimalloc has no `mremap`) and would hold two copies at its peak. The
-            // pages are only resident once bytes arrive in them.
-            if let Some(declared) = declared.filter(|d| len > buf.capacity() as u64 && *d >= len)
-            {
+            // whole declared length at once instead of doubling, since a doubling that the
+            // allocator cannot do in place copies the body and holds two copies at its peak.
+            // The pages are only resident once bytes arrive in them.
+            if let Some(declared) = declared.filter(|d| len > buf.capacity() as u64 && *d >= len) {
                 buf.reserve(declared.min(limit) as usize - buf.len());
             }
             buf.extend_from_slice(&data);
