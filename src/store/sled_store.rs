@@ -12,7 +12,8 @@
 //! | `b` id | the raw body, only for records of version `1` (written before the body log) | `body` |
 //! | `c` len controlid id | sha256 (32) ‖ received_at (8) ‖ policy | `latest`, idempotency, delete |
 //! | `u` len policy sha256 | id | idempotency of unmatched deliveries |
-//! | `p` len policy id | empty | `feed` scoped to a few policies |
+//! | `P` len policy block | bitmap (big-endian `u64`): bit `i` set when delivery `block × 64 + i` was posted to the policy | `feed` scoped to a few policies |
+//! | `p` len policy id | empty | as `P`, one key per delivery: only in databases written before `P` (still read, and removed with their deliveries) |
 //! | `t` received_at id | `d` or `q` | retention, only in databases written before the purge walked ids (none are written now: the ids of `m` and `q` are in arrival order, see [`Writer::purge`]) |
 //! | `q` id | version byte + JSON of the quarantine record | `quarantined` |
 //! | `Q` id | the raw quarantined body | `quarantined_body` |
@@ -115,8 +116,12 @@ const BODY: u8 = b'b';
 const CONTROLID: u8 = b'c';
 /// Prefix of the idempotency index of unmatched deliveries.
 const UNMATCHED: u8 = b'u';
-/// Prefix of the per-policy index.
+/// Prefix of the per-policy index of older databases: one key per delivery.
 const POLICY: u8 = b'p';
+/// Prefix of the per-policy index: one bitmap per policy and [`POLICY_BLOCK`] ids.
+const POLICY_BITS: u8 = b'P';
+/// Ids per key of the [`POLICY_BITS`] index: bits of a `u64`.
+const POLICY_BLOCK: u64 = 64;
 /// Prefix of the arrival-time index.
 const TIME: u8 = b't';
 /// Prefix of quarantine records.
@@ -1312,6 +1317,7 @@ impl Writer {
         drop(std::mem::take(&mut delivery.body));
         insert_delivery(
             &mut pending.batch,
+            &mut pending.bits,
             DeliveryKeys {
                 id,
                 controlid: delivery.extracted.controlid.as_deref(),
@@ -1330,6 +1336,7 @@ impl Writer {
     fn apply_run(&mut self, pending: RunBatch) -> Result<(), StoreError> {
         let RunBatch {
             mut batch,
+            bits,
             resolved,
             stored,
         } = pending;
@@ -1337,6 +1344,7 @@ impl Writer {
         if added == 0 && resolved.is_empty() {
             return Ok(());
         }
+        bits.write(self.db()?, &mut batch)?;
         if added > 0 {
             // After the run's keys: once this is stored, so are they (see [`Writes`]).
             batch.put(COUNTERS_KEY, &self.counters(self.deliveries + added));
@@ -1529,6 +1537,7 @@ impl Writer {
     /// Removes every delivery of `controlid` within `scope`, in one atomic batch.
     fn delete(&mut self, controlid: &str, scope: &Scope) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
+        let mut bits = PolicyBits::default();
         let mut removed = 0_u64;
         for entry in self.db()?.scan_prefix(controlid_prefix(controlid)) {
             let (key, value) = entry.map_err(sled_error)?;
@@ -1539,6 +1548,7 @@ impl Writer {
                         continue;
                     }
                     batch.remove(policy_key(index.policy, id));
+                    bits.clear(index.policy, id);
                     batch.remove(&time_key(index.received_at_ms, id)[..]);
                 }
                 // An unreadable index entry names no policy: only an unscoped delete takes it.
@@ -1551,6 +1561,7 @@ impl Writer {
             removed += 1;
         }
         if removed > 0 {
+            bits.write(self.db()?, &mut batch)?;
             let deliveries = self.deliveries.saturating_sub(removed);
             batch.insert(COUNTERS_KEY, &self.counters(deliveries)[..]);
             self.db()?.apply_batch(batch).map_err(sled_error)?;
@@ -1574,6 +1585,7 @@ impl Writer {
     /// taken first, as before.
     fn purge(&mut self, cutoff_ms: i64, limit: usize) -> Result<PurgeStep, StoreError> {
         let mut batch = sled::Batch::default();
+        let mut bits = PolicyBits::default();
         let mut scanned = 0;
         let mut deliveries = 0_u64;
         let mut quarantined = 0_u64;
@@ -1603,7 +1615,7 @@ impl Writer {
                 continue;
             };
             deliveries += 1;
-            remove_delivery(self.db()?, &mut batch, id, &raw, false)?;
+            remove_delivery(self.db()?, &mut batch, &mut bits, id, &raw, false)?;
         }
         for prefix in [META, QMETA] {
             // Records that cannot be decoded have no time: they go with the next old one after
@@ -1641,7 +1653,7 @@ impl Writer {
                     scanned += 1;
                     if prefix == META {
                         deliveries += 1;
-                        remove_delivery(self.db()?, &mut batch, id, &raw, true)?;
+                        remove_delivery(self.db()?, &mut batch, &mut bits, id, &raw, true)?;
                     } else {
                         quarantined += 1;
                         batch.remove(&id_key(QMETA, id)[..]);
@@ -1685,6 +1697,7 @@ impl Writer {
             }
         }
         if scanned > 0 {
+            bits.write(self.db()?, &mut batch)?;
             let new_deliveries = self.deliveries.saturating_sub(deliveries);
             let new_quarantined = self.quarantined.saturating_sub(quarantined);
             batch.insert(COUNTERS_KEY, &self.counters(new_deliveries)[..]);
@@ -2027,13 +2040,14 @@ fn remove_orphans(
     deliveries: u64,
 ) -> Result<u64, StoreError> {
     let mut batch = sled::Batch::default();
+    let mut bits = PolicyBits::default();
     let mut removed = 0_u64;
     let mut counted = 0_u64;
     for entry in db.scan_prefix([META]).rev() {
         let (key, raw) = entry.map_err(sled_error)?;
         let Some(id) = id_suffix(&key) else { continue };
         match location(&raw) {
-            Some(at) if at >= end => remove_delivery(db, &mut batch, id, &raw, true)?,
+            Some(at) if at >= end => remove_delivery(db, &mut batch, &mut bits, id, &raw, true)?,
             _ => break,
         }
         removed += 1;
@@ -2044,6 +2058,7 @@ fn remove_orphans(
     if removed == 0 {
         return Ok(deliveries);
     }
+    bits.write(db, &mut batch)?;
     let deliveries = deliveries.saturating_sub(counted);
     let counters = Counters {
         next_id: counted_next,
@@ -2076,6 +2091,7 @@ fn replay(
     }
     for chunk in records.chunks(1024) {
         let mut batch = sled::Batch::default();
+        let mut bits = PolicyBits::default();
         for scanned in chunk {
             let record = match decode_delivery(scanned.id, &scanned.meta) {
                 Ok(record) => record,
@@ -2090,6 +2106,7 @@ fn replay(
             }
             insert_delivery(
                 &mut batch,
+                &mut bits,
                 DeliveryKeys {
                     id: scanned.id,
                     controlid: record.extracted.controlid.as_deref(),
@@ -2102,6 +2119,7 @@ fn replay(
             next_id = next_id.max(scanned.id.saturating_add(1));
             deliveries += 1;
         }
+        bits.write(db, &mut batch)?;
         let counters = Counters {
             next_id,
             deliveries,
@@ -2267,13 +2285,7 @@ fn read_feed(
                 if !seen.insert(policy.as_str()) {
                     continue;
                 }
-                let range = policy_key(policy, first)..=policy_key(policy, watermark);
-                for entry in db.range(range).keys().take(limit) {
-                    let key = entry.map_err(sled_error)?;
-                    if let Some(id) = id_suffix(&key) {
-                        ids.push(id);
-                    }
-                }
+                policy_ids(db, policy, first, watermark, limit, &mut ids)?;
             }
             ids.sort_unstable();
             ids.dedup();
@@ -2487,10 +2499,16 @@ impl Writes {
 }
 
 /// Adds one delivery's record (`meta`, from [`located_meta`]) and its index entries (by
-/// controlid or as unmatched, by policy, by time) to `batch`: the one place that knows which
+/// controlid or as unmatched) to `batch`, and its bit of the per-policy index to `bits` (which
+/// the caller writes to `batch` once it has gathered them all): the one place that knows which
 /// keys a delivery has, for the writer, the replay and a restore alike. The body is in the
 /// body log; the counters are the caller's.
-fn insert_delivery(batch: &mut impl KeyWrites, keys: DeliveryKeys<'_>, meta: &[u8]) {
+fn insert_delivery(
+    batch: &mut impl KeyWrites,
+    bits: &mut PolicyBits,
+    keys: DeliveryKeys<'_>,
+    meta: &[u8],
+) {
     let DeliveryKeys {
         id,
         controlid,
@@ -2506,23 +2524,26 @@ fn insert_delivery(batch: &mut impl KeyWrites, keys: DeliveryKeys<'_>, meta: &[u
         ),
         None => batch.put(&unmatched_key(policy, sha256), &id.to_be_bytes()),
     }
-    batch.put(&policy_key(policy, id), &[]);
+    bits.set(policy, id);
 }
 
-/// Adds to `batch` the removal of delivery `id` (sled record `raw`) and its index entries;
-/// with `with_time`, the time entry that databases written before the purge walked ids have
-/// (a purge through those entries removes it itself). A record that cannot be
-/// decoded still goes; its index entries may stay behind, and readers skip index entries whose
-/// record is gone.
+/// Adds to `batch` the removal of delivery `id` (sled record `raw`) and its index entries, and
+/// to `bits` the clearing of its bit of the per-policy index; with `with_time`, the time entry
+/// that databases written before the purge walked ids have (a purge through those entries
+/// removes it itself). A record that cannot be decoded still goes; its index entries may stay
+/// behind, and readers skip index entries whose record is gone.
 fn remove_delivery(
     db: &sled::Db,
     batch: &mut sled::Batch,
+    bits: &mut PolicyBits,
     id: u64,
     raw: &[u8],
     with_time: bool,
 ) -> Result<(), StoreError> {
     if let Ok(record) = decode_delivery(id, raw) {
+        // The entry of an older database, if there is one.
         batch.remove(policy_key(&record.policy, id));
+        bits.clear(&record.policy, id);
         if with_time {
             batch.remove(&time_key(record.received_at_ms, id)[..]);
         }
@@ -2647,6 +2668,8 @@ fn read_counters(db: &sled::Db) -> Result<Option<Counters>, StoreError> {
 struct RunBatch {
     /// Records, indexes and expectation removals.
     batch: Writes,
+    /// The run's bits of the per-policy index, written to `batch` at its end.
+    bits: PolicyBits,
     /// The expectations the run resolves (for the readers' overlay).
     resolved: Vec<Expectation>,
     /// The deliveries stored by the run, by [`duplicate_key`].
@@ -2776,11 +2799,112 @@ fn unmatched_key(policy: &str, sha256: &[u8; 32]) -> Vec<u8> {
     key
 }
 
-/// The per-policy index entry of one delivery.
+/// The per-policy index entry of one delivery, in a database written before [`POLICY_BITS`].
 fn policy_key(policy: &str, id: u64) -> Vec<u8> {
     let mut key = string_prefix(POLICY, policy, 8);
     key.extend_from_slice(&id.to_be_bytes());
     key
+}
+
+/// The per-policy bitmap that holds the bit of delivery `id`.
+fn policy_bits_key(policy: &str, id: u64) -> Vec<u8> {
+    let mut key = string_prefix(POLICY_BITS, policy, 8);
+    key.extend_from_slice(&(id / POLICY_BLOCK).to_be_bytes());
+    key
+}
+
+/// The bit of delivery `id` in its per-policy bitmap.
+fn policy_bit(id: u64) -> u64 {
+    1 << (id % POLICY_BLOCK)
+}
+
+/// Changes to the per-policy index gathered for one batch, by bitmap: one key per policy and
+/// 64 ids keeps sled's page table (one entry per leaf of about 8 to 16 keys, resident for the
+/// life of the process) small, where one key per delivery made a third of it.
+///
+/// Each bitmap is read from sled and written once, by [`write`](Self::write), when the batch is
+/// complete. That is a read-modify-write: correct because the writer thread is the only one that
+/// changes sled while the store is open (and the replay and a restore run before it exists).
+#[derive(Default)]
+struct PolicyBits(HashMap<Vec<u8>, BitChange>);
+
+/// The bits to set and to clear in one bitmap.
+#[derive(Default, Clone, Copy)]
+struct BitChange {
+    set: u64,
+    clear: u64,
+}
+
+impl PolicyBits {
+    /// Marks delivery `id` as one of `policy`'s.
+    fn set(&mut self, policy: &str, id: u64) {
+        let change = self.0.entry(policy_bits_key(policy, id)).or_default();
+        change.set |= policy_bit(id);
+        change.clear &= !policy_bit(id);
+    }
+
+    /// Takes delivery `id` out of `policy`'s index.
+    fn clear(&mut self, policy: &str, id: u64) {
+        let change = self.0.entry(policy_bits_key(policy, id)).or_default();
+        change.clear |= policy_bit(id);
+        change.set &= !policy_bit(id);
+    }
+
+    /// Adds the changed bitmaps to `batch` (a bitmap left empty is removed).
+    fn write(self, db: &sled::Db, batch: &mut impl KeyWrites) -> Result<(), StoreError> {
+        for (key, change) in self.0 {
+            let current = db
+                .get(&key)
+                .map_err(sled_error)?
+                .and_then(|raw| be_u64(&raw))
+                .unwrap_or(0);
+            match (current & !change.clear) | change.set {
+                0 if current == 0 => {}
+                0 => batch.del(&key),
+                bits if bits == current => {}
+                bits => batch.put(&key, &bits.to_be_bytes()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ids of up to `limit` deliveries of `policy` from `first` to `last`, ascending, from its
+/// bitmaps (and the per-delivery entries of an older database, if any), appended to `ids`.
+fn policy_ids(
+    db: &sled::Db,
+    policy: &str,
+    first: u64,
+    last: u64,
+    limit: usize,
+    ids: &mut Vec<u64>,
+) -> Result<(), StoreError> {
+    let start = ids.len();
+    let range = policy_bits_key(policy, first)..=policy_bits_key(policy, last);
+    'blocks: for entry in db.range(range) {
+        let (key, raw) = entry.map_err(sled_error)?;
+        let (Some(block), Some(mut bits)) = (id_suffix(&key), be_u64(&raw)) else {
+            continue;
+        };
+        while bits != 0 {
+            let id = block * POLICY_BLOCK + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            if id < first {
+                continue;
+            }
+            if id > last || ids.len() - start == limit {
+                break 'blocks;
+            }
+            ids.push(id);
+        }
+    }
+    let old = policy_key(policy, first)..=policy_key(policy, last);
+    for entry in db.range(old).keys().take(limit) {
+        if let Some(id) = id_suffix(&entry.map_err(sled_error)?) {
+            ids.push(id);
+        }
+    }
+    Ok(())
 }
 
 /// A timestamp as bytes that sort like the signed number.
@@ -3421,7 +3545,11 @@ mod tests {
         // but not its index entries nor the counters after them.
         let db = recovery::open_sled(dir.path(), 1 << 20).expect("sled");
         db.remove(controlid_key("b", second.0)).expect("remove");
-        db.remove(policy_key("pol", second.0)).expect("remove");
+        db.insert(
+            policy_bits_key("pol", second.0),
+            &policy_bit(first.0).to_be_bytes()[..],
+        )
+        .expect("insert");
         let mut counters = read_counters(&db).expect("read").expect("counters");
         assert_eq!(counters.deliveries, 2);
         counters.next_id = second.0;
@@ -3817,6 +3945,7 @@ mod tests {
             .expect("put");
         assert!(matches!(again, PutOutcome::Stored(id) if id > kept));
         // Nothing of the deleted deliveries is left in the tree.
+        let db = store.db().expect("db");
         for prefix in [META, BODY, POLICY, TIME] {
             for id in [one, two] {
                 let key = match prefix {
@@ -3824,9 +3953,170 @@ mod tests {
                     TIME => time_key(7, id.0).to_vec(),
                     _ => id_key(prefix, id.0).to_vec(),
                 };
-                assert!(!store.db().expect("db").contains_key(key).expect("get"));
+                assert!(!db.contains_key(key).expect("get"));
             }
         }
+        let bits = |id: DeliveryId| {
+            let raw = db.get(policy_bits_key("p", id.0)).expect("get");
+            raw.and_then(|raw| be_u64(&raw)).unwrap_or(0) & policy_bit(id.0)
+        };
+        assert_eq!((bits(one), bits(two)), (0, 0));
+        assert_ne!(bits(kept), 0);
+    }
+
+    /// Checks the scoped feed against the unscoped one filtered by policy, for several
+    /// scopes, cursors and limits.
+    async fn check_scoped_feed(store: &SledStore, label: &str) {
+        let all = store.feed(None, 1000, &Scope::All).await.expect("feed");
+        for wanted in [&["a"][..], &["b"], &["a", "c"], &["a", "b", "c"], &["zzz"]] {
+            let expected: Vec<DeliveryId> = all
+                .iter()
+                .filter(|r| wanted.contains(&r.policy.as_str()))
+                .map(|r| r.id)
+                .collect();
+            let cursors = [None, Some(1), Some(63), Some(64), Some(130)];
+            for after in cursors.map(|c| c.map(DeliveryId)) {
+                for limit in [1, 7, 64, 1000] {
+                    let got: Vec<DeliveryId> = store
+                        .feed(after, limit, &scope(wanted))
+                        .await
+                        .expect("feed")
+                        .iter()
+                        .map(|r| r.id)
+                        .collect();
+                    let want: Vec<DeliveryId> = expected
+                        .iter()
+                        .copied()
+                        .filter(|id| after.map_or(true, |a| *id > a))
+                        .take(limit)
+                        .collect();
+                    assert_eq!(
+                        got, want,
+                        "{label}: {wanted:?} after {after:?} limit {limit}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The feed of a scope read through the per-policy bitmaps, across several bitmaps, after
+    /// cursors and with limits, then after deletes and a purge: the same as filtering the
+    /// unscoped feed. A bitmap whose deliveries are all gone is removed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn scoped_feed_through_the_policy_bitmaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let policies = ["a", "b", "c"];
+        // 200 deliveries: more than three bitmaps of 64 ids, and ids of one policy spread
+        // unevenly (a run of "a" across a bitmap boundary, then every third).
+        let mut puts = Vec::new();
+        for i in 0..200_i64 {
+            let policy = if (50..80).contains(&i) {
+                "a"
+            } else {
+                policies[(i % 3) as usize]
+            };
+            let controlid = format!("c{i}");
+            puts.push(store.put(delivery(policy, Some(&controlid), b"<r/>", i)));
+            if puts.len() == 16 || i == 199 {
+                for put in futures_util::future::join_all(puts.drain(..)).await {
+                    put.expect("put");
+                }
+            }
+        }
+        check_scoped_feed(&store, "stored").await;
+        assert!(
+            raw_keys(&store, POLICY).is_empty(),
+            "no per-delivery entries"
+        );
+        assert_eq!(
+            raw_keys(&store, POLICY_BITS).len(),
+            4 * 3,
+            "a bitmap per policy and 64 ids"
+        );
+
+        for i in (0..200).step_by(5) {
+            store
+                .delete_controlid(&format!("c{i}"), &Scope::All)
+                .await
+                .expect("delete");
+        }
+        check_scoped_feed(&store, "after deletes").await;
+        // Deliveries 1 to 100 were received at 0 to 99: the purge takes the first 64 and more.
+        store.purge_older_than(100, 50).await.expect("purge");
+        check_scoped_feed(&store, "after the purge").await;
+        let first_bitmaps: Vec<Vec<u8>> = policies.iter().map(|p| policy_bits_key(p, 1)).collect();
+        for key in first_bitmaps {
+            assert!(
+                !store.db().expect("db").contains_key(key).expect("get"),
+                "an empty bitmap is removed"
+            );
+        }
+        drop(puts);
+        drop(store);
+        let store = reopen(dir.path()).await;
+        let page = store.feed(None, 1000, &scope(&["b"])).await.expect("feed");
+        assert!(page
+            .iter()
+            .all(|r| r.policy == "b" && r.received_at_ms >= 100));
+        assert!(!page.is_empty());
+    }
+
+    /// A database written before the bitmaps has one `p` key per delivery: the scoped feed
+    /// still lists those deliveries, and a delete removes their keys.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn per_delivery_policy_entries_of_an_older_database_are_read_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let controlid = format!("old{i}");
+            ids.push(
+                store
+                    .put(delivery("pol", Some(&controlid), b"<r/>", i))
+                    .await
+                    .expect("put")
+                    .id(),
+            );
+        }
+        store.close().await.expect("close");
+        drop(store);
+        // As an older version wrote them: no bitmap, a key per delivery.
+        let db = recovery::open_sled(dir.path(), 1 << 20).expect("sled");
+        db.remove(policy_bits_key("pol", ids[0].0)).expect("remove");
+        for id in &ids {
+            db.insert(policy_key("pol", id.0), &[][..]).expect("insert");
+        }
+        db.flush().expect("flush");
+        drop(db);
+
+        let store = reopen(dir.path()).await;
+        let newer = store
+            .put(delivery("pol", Some("new"), b"<r/>", 9))
+            .await
+            .expect("put")
+            .id();
+        let feed = store.feed(None, 10, &scope(&["pol"])).await.expect("feed");
+        let mut expected = ids.clone();
+        expected.push(newer);
+        assert_eq!(feed.iter().map(|r| r.id).collect::<Vec<_>>(), expected);
+        store
+            .delete_controlid("old1", &Scope::All)
+            .await
+            .expect("delete");
+        assert!(!store
+            .db()
+            .expect("db")
+            .contains_key(policy_key("pol", ids[1].0))
+            .expect("get"));
+        let feed = store
+            .feed(Some(ids[0]), 10, &scope(&["pol"]))
+            .await
+            .expect("feed");
+        assert_eq!(
+            feed.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[2], newer]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -4000,6 +4290,13 @@ mod tests {
     async fn readers_do_not_see_a_put_before_its_flush() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SledStore::open(dir.path(), options()).expect("open"));
+        // One committed delivery first, so that the feeds below are not empty merely because
+        // nothing is committed; the second shares its per-policy bitmap.
+        let visible = store
+            .put(delivery("p", Some("v"), b"v", 0))
+            .await
+            .expect("put")
+            .id();
         let mut committed = store.committed();
         let start = *committed.borrow_and_update();
         store.hooks.set(|s| s.hold_flush = true);
@@ -4022,16 +4319,10 @@ mod tests {
             .is_none());
         assert!(store.record(id).await.expect("record").is_none());
         assert!(store.body(id).await.expect("body").is_none());
-        assert!(store
-            .feed(None, 10, &Scope::All)
-            .await
-            .expect("feed")
-            .is_empty());
-        assert!(store
-            .feed(None, 10, &scope(&["p"]))
-            .await
-            .expect("feed")
-            .is_empty());
+        for scope in [Scope::All, scope(&["p"])] {
+            let feed = store.feed(None, 10, &scope).await.expect("feed");
+            assert_eq!(feed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![visible]);
+        }
         assert!(!committed.has_changed().expect("watch"));
         assert!(!task.is_finished());
 

@@ -15,8 +15,9 @@ use bytes::Bytes;
 use super::{
     decode_delivery, decode_expectation, decode_quarantine, encode, expect_key, expect_time_key,
     id_key, id_suffix, insert_delivery, located_meta, read_body_of, read_bytes, segments,
-    sled_error, sync_dir, Counters, DeliveryKeys, SledOptions, SledStore, StoredDeliveryRef,
-    StoredQuarantineRef, BODIES_DIR, COUNTERS_KEY, EXPECT, META, QBODY, QMETA, QUARANTINED_KEY,
+    sled_error, sync_dir, Counters, DeliveryKeys, PolicyBits, SledOptions, SledStore,
+    StoredDeliveryRef, StoredQuarantineRef, BODIES_DIR, COUNTERS_KEY, EXPECT, META, QBODY, QMETA,
+    QUARANTINED_KEY,
 };
 use crate::store::{DeliveryRecord, Expectation, QuarantineRecord, StoreError};
 
@@ -239,6 +240,7 @@ where
         ids: HashSet::new(),
         expectations: HashSet::new(),
         batch: sled::Batch::default(),
+        bits: PolicyBits::default(),
         batch_items: 0,
         batch_bytes: 0,
         log: segments::SegmentLog::open(&bodies, logged.end, None).map_err(io)?,
@@ -281,6 +283,8 @@ struct Restorer {
     expectations: HashSet<Vec<u8>>,
     /// The batch being gathered.
     batch: sled::Batch,
+    /// Its bits of the per-policy index, added to it when it is applied.
+    bits: PolicyBits,
     /// Items in it.
     batch_items: usize,
     /// Body bytes in it.
@@ -292,6 +296,7 @@ struct Restorer {
 impl Restorer {
     /// Applies the gathered batch.
     fn apply(&mut self, db: &sled::Db) -> Result<(), RestoreError> {
+        std::mem::take(&mut self.bits).write(db, &mut self.batch)?;
         db.apply_batch(std::mem::take(&mut self.batch))
             .map_err(sled_error)?;
         self.batch_items = 0;
@@ -326,6 +331,7 @@ impl Restorer {
                 })?;
                 insert_delivery(
                     &mut self.batch,
+                    &mut self.bits,
                     DeliveryKeys {
                         id,
                         controlid: record.extracted.controlid.as_deref(),
