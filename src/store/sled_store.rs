@@ -3987,7 +3987,7 @@ mod tests {
                     let want: Vec<DeliveryId> = expected
                         .iter()
                         .copied()
-                        .filter(|id| after.map_or(true, |a| *id > a))
+                        .filter(|id| after.is_none_or(|a| *id > a))
                         .take(limit)
                         .collect();
                     assert_eq!(
