@@ -2279,25 +2279,41 @@ fn read_feed(
             Ok(records)
         }
         Scope::Policies(policies) => {
-            let mut ids = Vec::new();
-            let mut seen = HashSet::new();
-            for policy in policies {
-                if !seen.insert(policy.as_str()) {
-                    continue;
+            let mut policies: Vec<&str> = policies.iter().map(String::as_str).collect();
+            policies.sort_unstable();
+            policies.dedup();
+            let mut records = Vec::with_capacity(limit.min(1024));
+            let mut from = first;
+            // Each round takes up to `limit` ids of every policy from `from` on; the merged
+            // list is complete up to the smallest last id of a policy whose list was cut.
+            // An index entry may outlive its record (an undecodable record removed by a purge
+            // or a delete keeps its bit, since its policy cannot be read): such ids are
+            // skipped and the next round goes on after them, so they never end a page early
+            // nor hold a cursor in place.
+            while records.len() < limit && from <= watermark {
+                let mut ids = Vec::new();
+                let mut complete_to = watermark;
+                for policy in &policies {
+                    let (mut some, cut) = policy_ids(db, policy, from, watermark, limit)?;
+                    if let (true, Some(last)) = (cut, some.last()) {
+                        complete_to = complete_to.min(*last);
+                    }
+                    ids.append(&mut some);
                 }
-                policy_ids(db, policy, first, watermark, limit, &mut ids)?;
-            }
-            ids.sort_unstable();
-            ids.dedup();
-            let mut records = Vec::with_capacity(limit.min(ids.len()));
-            for id in ids {
-                if records.len() == limit {
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids.into_iter().take_while(|id| *id <= complete_to) {
+                    if records.len() == limit {
+                        break;
+                    }
+                    if let Some(record) = read_record(db, id)? {
+                        records.push(record);
+                    }
+                }
+                let Some(next) = complete_to.checked_add(1) else {
                     break;
-                }
-                // The index entry may outlive an undecodable record removed by a purge.
-                if let Some(record) = read_record(db, id)? {
-                    records.push(record);
-                }
+                };
+                from = next;
             }
             Ok(records)
         }
@@ -2870,16 +2886,16 @@ impl PolicyBits {
 }
 
 /// The ids of up to `limit` deliveries of `policy` from `first` to `last`, ascending, from its
-/// bitmaps (and the per-delivery entries of an older database, if any), appended to `ids`.
+/// bitmaps (and the per-delivery entries of an older database, if any), and whether the list
+/// was cut at `limit` (there may be more after its last id).
 fn policy_ids(
     db: &sled::Db,
     policy: &str,
     first: u64,
     last: u64,
     limit: usize,
-    ids: &mut Vec<u64>,
-) -> Result<(), StoreError> {
-    let start = ids.len();
+) -> Result<(Vec<u64>, bool), StoreError> {
+    let mut ids = Vec::new();
     let range = policy_bits_key(policy, first)..=policy_bits_key(policy, last);
     'blocks: for entry in db.range(range) {
         let (key, raw) = entry.map_err(sled_error)?;
@@ -2892,7 +2908,7 @@ fn policy_ids(
             if id < first {
                 continue;
             }
-            if id > last || ids.len() - start == limit {
+            if id > last || ids.len() == limit {
                 break 'blocks;
             }
             ids.push(id);
@@ -2904,7 +2920,11 @@ fn policy_ids(
             ids.push(id);
         }
     }
-    Ok(())
+    ids.sort_unstable();
+    ids.dedup();
+    let cut = ids.len() >= limit;
+    ids.truncate(limit);
+    Ok((ids, cut))
 }
 
 /// A timestamp as bytes that sort like the signed number.
@@ -4060,6 +4080,51 @@ mod tests {
             .iter()
             .all(|r| r.policy == "b" && r.received_at_ms >= 100));
         assert!(!page.is_empty());
+    }
+
+    /// Bits left behind by records that are gone (a purge or delete of an undecodable record
+    /// cannot clear them) are skipped without ending a page early: a scoped feed with a small
+    /// limit still moves past a run of them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_scoped_feed_moves_past_index_bits_whose_records_are_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), options()).expect("open");
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            let controlid = format!("k{i}");
+            ids.push(
+                store
+                    .put(delivery("pol", Some(&controlid), b"<r/>", i))
+                    .await
+                    .expect("put")
+                    .id(),
+            );
+        }
+        // Records 2 to 7 gone as a purge of undecodable records leaves them: the bits stay.
+        let db = store.db().expect("db");
+        for id in &ids[2..8] {
+            db.remove(id_key(META, id.0)).expect("remove");
+        }
+        for limit in [1, 2, 3, 100] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store
+                    .feed(after, limit, &scope(&["pol"]))
+                    .await
+                    .expect("feed");
+                let Some(last) = page.last() else { break };
+                after = Some(last.id);
+                seen.extend(page.iter().map(|r| r.id));
+            }
+            let expected: Vec<DeliveryId> = ids[..2].iter().chain(&ids[8..]).copied().collect();
+            assert_eq!(seen, expected, "limit {limit}");
+        }
+        let first = store
+            .feed(Some(ids[1]), 1, &scope(&["pol", "other"]))
+            .await
+            .expect("feed");
+        assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[8]]);
     }
 
     /// A database written before the bitmaps has one `p` key per delivery: the scoped feed
